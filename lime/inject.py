@@ -73,6 +73,13 @@ def validate(model: nn.Module, config: LiMEConfig) -> list[str]:
         if config.num_experts > width:
             raise ConfigError(f"peft.num_experts: {config.num_experts} is larger than the embedding width {width}")
         return []
+    if config.layer_indices is not None:
+        scope = language_model(model) if config.language_model_only else model
+        blocks = {int(m.group(1)) for name, _ in scope.named_modules() if (m := _BLOCK_INDEX.search(name + "."))}
+        missing = sorted(set(config.layer_indices) - blocks)
+        if missing:
+            raise ConfigError(f"peft.layer_indices: no block {missing} in this model (its blocks: "
+                              f"{min(blocks, default=None)}..{max(blocks, default=None)})")
     wrapped = list(target_linears(model, config))
     names = [name for name, _ in wrapped]
     for target in config.targets:

@@ -204,9 +204,16 @@ def comparison_table(baseline: Mapping[str, Any], results: Mapping[str, Any],
     def cell(value: float | None, width: int) -> str:
         return f"{'-':>{width}s}" if value is None else f"{value:{width}.2f}"
 
+    def comparable(tasks) -> bool:
+        """The backbone was scored on whole test splits: a run that drew fewer samples (data.max_eval_samples)
+        or evaluated other tasks has no backbone score to stand beside it."""
+        return all(baseline.get("tasks", {}).get(task, {}).get("samples") == results["tasks"][task].get("samples")
+                   for task in tasks)
+
     lines = [f"{'':40s} {'chance':>7s} {'backbone alone':>15s} {'adapted':>8s}"]
     for category, entry in results["categories"].items():
         alone = baseline.get("categories", {}).get(category, {}).get("score")
+        alone = alone if comparable(entry.get("tasks", [])) else None
         lines.append(f"{category:40s} {cell(chance(entry.get('tasks', [])), 7)} {cell(alone, 15)} "
                      f"{cell(entry.get('score'), 8)}")
     tasks = list(results["tasks"])
@@ -216,7 +223,11 @@ def comparison_table(baseline: Mapping[str, Any], results: Mapping[str, Any],
                else sum(map(chance, categories)) / len(categories)}
     for key in ("mean_of_categories", "mean_of_tasks"):
         # The backbone's overall is over every task; comparable only when the run evaluated every task too.
-        alone = baseline.get("overall", {}).get(key) if set(tasks) == set(baseline.get("tasks", {})) else None
+        every_task = set(tasks) == set(baseline.get("tasks", {})) and comparable(tasks)
+        alone = baseline.get("overall", {}).get(key) if every_task else None
         lines.append(f"{'overall (' + key.replace('_', ' ') + ')':40s} {cell(chances[key], 7)} {cell(alone, 15)} "
                      f"{cell(results.get('overall', {}).get(key), 8)}")
+    if not comparable(tasks):
+        lines.append("backbone alone: '-' where this run scored other samples than the whole test splits the "
+                     "backbone was scored on (data.max_eval_samples)")
     return "\n".join(lines)

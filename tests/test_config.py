@@ -50,8 +50,8 @@ def test_model_checks_run_on_the_meta_device_before_any_weights():
         lime.validate(model, LiMEConfig(num_experts=20))
     with pytest.raises(ConfigError, match="peft.slice_start"):
         lime.validate(model, LiMEConfig(variant="slicefine", slice_start=31))
-    with pytest.raises(ConfigError, match="layer_indices"):
-        lime.validate(model, LiMEConfig(layer_indices=(5,)))
+    with pytest.raises(ConfigError, match=r"peft.layer_indices: no block \[5\] in this model \(its blocks: 0..1\)"):
+        lime.validate(model, LiMEConfig(layer_indices=(1, 5)))  # one block out of range is not silently dropped
     assert len(lime.validate(model, LiMEConfig())) == 8
 
 

@@ -1,5 +1,7 @@
 """Every experiment composes, its sweep expands to the expected jobs, and the #params column is SPEC section 5."""
 
+import functools
+import importlib.util
 import itertools
 import json
 import subprocess
@@ -12,6 +14,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+import lime
+from lime import models
 from lime.config import LiMEConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +29,8 @@ JOBS = {
     "ablation_shared": 2 * 3, "ablation_layers": 5 * 3,
 }
 
+SMALL_JOBS = {**JOBS, "ablation_layers": 2 * 3}  # the tiny model's 2 blocks: the last one, or both
+
 
 def compose_config(overrides, hydra_config=False):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
@@ -33,9 +39,10 @@ def compose_config(overrides, hydra_config=False):
 
 def sweep_jobs(experiment, extra=()):
     """The override lists of every job of `python train.py -m experiment=<name>` (Hydra's own expansion)."""
-    cfg = compose_config([f"experiment={experiment}", *extra], hydra_config=True)
+    cfg = compose_config([f"experiment={experiment}"], hydra_config=True)
     params = cfg.hydra.sweeper.params or {}
-    arguments = [f"experiment={experiment}", *extra, *(f"{k}={v}" for k, v in params.items())]
+    # BasicSweeper.sweep's order: the config's sweeper params, then the command line, which wins on a shared key.
+    arguments = [*(f"{k}={v}" for k, v in params.items()), f"experiment={experiment}", *extra]
     parsed = OverridesParser.create().parse_overrides(arguments)
     return list(itertools.chain.from_iterable(BasicSweeper.split_arguments(parsed, None)))
 
@@ -44,25 +51,52 @@ def test_every_experiment_has_a_job_count():
     assert sorted(JOBS) == EXPERIMENTS
 
 
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMALL_SCALE = load_script("small_scale")
+
+
+@functools.cache
+def meta_model(model_name):
+    cfg = OmegaConf.to_container(compose_config([f"model={model_name}"]), resolve=True)
+    return models.build(cfg["model"], device="meta")[0]
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("scale", ["paper", "small"])
 def test_every_job_of_every_sweep_composes_into_a_valid_config(experiment, scale):
-    extra = [] if scale == "paper" else ["model=tiny_llava_ov", "data=mmt_mini", "trainer=smoke"]
+    # Small scale: what scripts/small_scale.py gives train.py, less its seed and sweep dir.
+    extra = [] if scale == "paper" else [*SMALL_SCALE.SMALL, *SMALL_SCALE.TINY_SWEEPS.get(experiment, [])]
     jobs = sweep_jobs(experiment, extra)
-    assert len(jobs) == JOBS[experiment]
+    assert len(jobs) == (SMALL_JOBS if scale == "small" else JOBS)[experiment]
     # Composing takes ~0.1 s a job: seeds change nothing else, so compose one seed (all seeds of table2 differ
-    # only there), and at small scale the first few jobs, which check that the CLI groups win.
+    # only there). Each job's LiME config is checked against its model's architecture (built on meta).
     jobs = [job for job in jobs if "seed=0" in job or not any(o.startswith("seed=") for o in job)]
-    if scale == "small":
-        jobs = jobs[:3]
     configs = set()
     for job in jobs:
         cfg = OmegaConf.to_container(compose_config(job), resolve=True)
-        LiMEConfig.from_groups(cfg["peft"], cfg["routing"])  # validates every value
+        lime.validate(meta_model(cfg["model"]["name"]), LiMEConfig.from_groups(cfg["peft"], cfg["routing"]))
         configs.add(json.dumps(cfg, sort_keys=True, default=str))
         if scale == "small":
             assert cfg["model"]["name"] == "tiny_llava_ov" and cfg["data"]["name"] == "mmt_mini"
     assert len(configs) == len(jobs)  # no two jobs of a sweep train the same thing
+
+
+def test_small_scale_runs_one_seed_of_each_ablation_and_three_of_table2():
+    args = SMALL_SCALE.parse_args([])
+    assert args.experiments == SMALL_SCALE.EXPERIMENTS and sorted(args.experiments) == EXPERIMENTS
+    units = {e: SMALL_SCALE.seeds(e, args) for e in args.experiments}
+    assert units["table2"] == ["0", "1", "2"] and all(units[e] == ["0"] for e in EXPERIMENTS if e != "table2")
+    command = SMALL_SCALE.command("ablation_layers", "1", args)
+    assert command[2:4] == ["-m", "experiment=ablation_layers"] and "seed=1" in command
+    assert command[-1] == f"hydra.sweep.dir={args.runs / 'ablation_layers' / 'seed1'}"
+    with pytest.raises(SystemExit):
+        SMALL_SCALE.parse_args(["ablation_nope"])
 
 
 def test_experiment_pins_the_paper_setup():

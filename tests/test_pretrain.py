@@ -62,3 +62,17 @@ def test_pretrain_needs_the_generator(tmp_path):
     model_cfg, data_cfg = configs(tmp_path)
     with pytest.raises(ValueError, match="generate"):
         pretrain.ensure_backbone(model_cfg, {**data_cfg, "generate": None})
+
+
+def test_comparison_leaves_out_the_backbone_where_the_run_scored_other_samples():
+    def results(samples_b):
+        tasks = {"a": {"score": 50.0, "samples": 30}, "b": {"score": 70.0, "samples": samples_b}}
+        return {"tasks": tasks, "overall": {"mean_of_tasks": 60.0, "mean_of_categories": 60.0},
+                "categories": {"X": {"score": 50.0, "tasks": ["a"]}, "Y": {"score": 70.0, "tasks": ["b"]}}}
+
+    baseline = results(30)
+    same = pretrain.comparison_table(baseline, results(30)).splitlines()
+    assert [line.split()[-2] for line in same[1:]] == ["50.00", "70.00", "60.00", "60.00"]
+    fewer = pretrain.comparison_table(baseline, results(2)).splitlines()  # data.max_eval_samples=2
+    assert [line.split()[-2] for line in fewer[1:5]] == ["50.00", "-", "-", "-"]
+    assert "max_eval_samples" in fewer[-1]

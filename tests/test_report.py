@@ -458,3 +458,11 @@ def test_deliberate_data_subset_is_not_incomplete(tmp_path):
     assert [r.path.name for r in usable] == ["0"]
     assert usable[0].category_scores()["GLUE"] == pytest.approx(statistics.fmean(scores[t] for t in chosen[:2]))
     assert "cola" in excluded[0][1][0] and "okvqa" not in excluded[0][1][0]
+
+
+@pytest.mark.parametrize("count, text", [(1_740_800, "1.74M"), (70_000, "0.07M"), (10_000, "0.01M"),
+                                         (6032, "6,032"), (None, "–")])
+def test_params_column_is_the_papers_style_and_exact_for_tiny_models(count, text):
+    from lime.report.tables import format_params
+
+    assert format_params(count) == text

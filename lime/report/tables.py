@@ -60,8 +60,11 @@ class Row:
 
 
 def format_params(count: float | None) -> str:
-    """1_740_800 -> "1.74M", 70_000 -> "0.07M" (the paper's #TTP style)."""
-    return "–" if count is None else f"{count / 1e6:.2f}M"
+    """1_740_800 -> "1.74M", 70_000 -> "0.07M" (the paper's #TTP style); below 10,000 (tiny models, where
+    "0.01M" would hide the differences) the exact count, 6032 -> "6,032"."""
+    if count is None:
+        return "–"
+    return f"{count / 1e6:.2f}M" if count >= 10_000 else f"{count:,.0f}"
 
 
 def _params(runs: Sequence[Run], key: str) -> tuple[float | None, str]:

@@ -1,0 +1,117 @@
+"""Every paper experiment at small scale (the tiny LLaVA-OneVision on mmt_mini, CPU), then its tables and figures,
+regenerated from the logged runs, into experiments/<experiment>/small_scale/.
+
+    python scripts/small_scale.py                                  # all of them, two jobs at a time (~70 min)
+    python scripts/small_scale.py ablation_ngram table2 --jobs 4   # some of them
+    python scripts/small_scale.py --epochs 3 --ablation-seeds 0,1,2  # closer to the paper's protocol, ~9x the time
+    python scripts/small_scale.py --report-only                    # rebuild the reports from the runs already there
+
+An experiment is the paper's sweep (configs/experiment/<name>.yaml) with the small-scale groups on the command
+line, which win over the experiment's (Hydra applies command-line overrides after the sweeper's params). Each
+(experiment, seed) is one `train.py -m` process: runs go to <runs>/<experiment>/seed<S>/<job>, its log to
+<runs>/logs/. A failed process is reported and left out of the reports; the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = [  # the longest sweeps first, so that the job pool ends together
+    "table2", "ablation_experts", "ablation_gamma", "ablation_topk", "efficiency", "ablation_balance", "ablation_init",
+    "ablation_ngram", "ablation_temperature", "ablation_layers", "ablation_channels", "ablation_targets",
+    "ablation_router", "ablation_shared",
+]
+SMALL = ["model=tiny_llava_ov", "data=mmt_mini", "trainer=smoke", "trainer.progress_bar=false"]
+# Where the tiny model cannot take the paper's value: it has 2 language-model blocks, not 24.
+TINY_SWEEPS = {"ablation_layers": ["peft.layer_indices=[1],null"]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("experiments", nargs="*", metavar="NAME",
+                        help=f"experiments to run (default: all): {', '.join(EXPERIMENTS)}")
+    parser.add_argument("--runs", type=Path, default=ROOT / "multirun" / "small_scale", help="run directory root")
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments", help="reports: <out>/<name>/small_scale")
+    parser.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (one CPU thread each)")
+    parser.add_argument("--epochs", type=int, default=1, help="trainer.epochs (trainer=smoke: 3)")
+    parser.add_argument("--table2-seeds", default="0,1,2")
+    parser.add_argument("--ablation-seeds", default="0")
+    parser.add_argument("--report-only", action="store_true", help="skip training; rebuild the reports")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
+    if unknown:
+        parser.error(f"unknown experiments {unknown}; choose from {EXPERIMENTS}")
+    args.experiments = args.experiments or EXPERIMENTS
+    return args
+
+
+def seeds(experiment: str, args: argparse.Namespace) -> list[str]:
+    if experiment == "efficiency":
+        return ["0"]  # timing; the paper reports one run per method
+    return (args.table2_seeds if experiment == "table2" else args.ablation_seeds).split(",")
+
+
+def command(experiment: str, seed: str, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "-m", f"experiment={experiment}", *SMALL,
+            f"trainer.epochs={args.epochs}", f"seed={seed}", *TINY_SWEEPS.get(experiment, []),
+            f"hydra.sweep.dir={args.runs / experiment / f'seed{seed}'}"]
+
+
+def run(experiment: str, seed: str, args: argparse.Namespace) -> bool:
+    log = args.runs / "logs" / f"{experiment}-seed{seed}.log"
+    start = time.perf_counter()
+    print(f"start  {experiment} seed {seed}", flush=True)
+    with log.open("w") as f:
+        process = subprocess.run(command(experiment, seed, args), stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    ok = process.returncode == 0
+    print(f"{'done  ' if ok else 'FAILED'} {experiment} seed {seed} in {time.perf_counter() - start:.0f}s"
+          + ("" if ok else f" (see {log})"), flush=True)
+    return ok
+
+
+def pretrain_backbone() -> None:
+    """Pretrain (or find cached) the tiny backbone once, before parallel jobs would each pretrain it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lime.pretrain import ensure_backbone
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = OmegaConf.to_container(compose("config", overrides=SMALL[:3]), resolve=True)
+    ensure_backbone(cfg["model"], cfg["data"])
+
+
+def report(experiment: str, args: argparse.Namespace) -> None:
+    """Table 2 beside the paper's; for the others, their figure panels (the paper's values overlaid) and a table
+    with one row per swept setting."""
+    runs, out = str(args.runs / experiment), str(args.out / experiment / "small_scale")
+    scripts = [["make_tables.py", "--paper"]] if experiment == "table2" else [
+        ["make_tables.py", "--name", "results"], ["make_figures.py", "--paper"]]
+    for script, *options in scripts:
+        subprocess.run([sys.executable, str(ROOT / "scripts" / script), runs, "--out", out, *options],
+                       check=True, cwd=ROOT)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not args.report_only:
+        (args.runs / "logs").mkdir(parents=True, exist_ok=True)
+        pretrain_backbone()
+        units = [(e, s) for e in args.experiments for s in seeds(e, args)]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            failed = [u for u, ok in zip(units, pool.map(lambda u: run(*u, args), units), strict=True) if not ok]
+        if failed:
+            print(f"{len(failed)} of {len(units)} sweeps failed: {failed}", file=sys.stderr)
+    for experiment in args.experiments:
+        if (args.runs / experiment).is_dir():
+            report(experiment, args)
+
+
+if __name__ == "__main__":
+    main()
