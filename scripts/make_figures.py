@@ -14,10 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lime.report import load_runs, make_figures, report_excluded, split_runs
+from lime.report import make_figures, usable_runs
 from lime.report import paper as paper_numbers
 from lime.report.figures import needs_scores
-from lime.report.runs import choose_scorer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,12 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     out = args.out or args.paths[0] / "report"
-    runs = load_runs(args.paths)
-    args.scorer = choose_scorer(runs, args.scorer)
-    usable, excluded = split_runs(runs, args.scorer, needs_scores)
-    report_excluded(excluded, out)
+    usable, _, args.scorer = usable_runs(args.paths, out, args.scorer, needs_scores)
     if not usable:
-        print(f"No usable runs among {len(runs)} found under {', '.join(map(str, args.paths))}.", file=sys.stderr)
         return []
     data = paper_numbers.load(args.paper_numbers) if args.paper else None
     paths = make_figures(usable, out, paper=args.paper, scorer=args.scorer, paper_data=data)

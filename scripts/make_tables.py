@@ -14,12 +14,10 @@ methods, labelled "(paper)".
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from lime.report import build_rows, load_runs, report_excluded, split_runs, write_tables
+from lime.report import build_rows, usable_runs, write_tables
 from lime.report import paper as paper_numbers
-from lime.report.runs import choose_scorer
 from lime.report.tables import varying_within_groups
 
 
@@ -39,13 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     out = args.out or args.paths[0] / "report"
-    runs = load_runs(args.paths)
-    args.scorer = choose_scorer(runs, args.scorer)
-    usable, excluded = split_runs(runs, args.scorer)
-    paths = report_excluded(excluded, out)
+    usable, excluded, args.scorer = usable_runs(args.paths, out, args.scorer)
     if not usable:
-        print(f"No usable runs among {len(runs)} found under {', '.join(map(str, args.paths))}.", file=sys.stderr)
-        return paths
+        return []
     data = paper_numbers.load(args.paper_numbers) if args.paper else None
     group_by = tuple(k.strip() for k in args.group_by.split(",") if k.strip())
     extra = varying_within_groups(usable, group_by)
@@ -65,7 +59,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.paper:
         notes.append("Rows in italics, '(paper)': the paper's published Table 2 (LLaVA-OV-7B) [EXACT-img]; "
                      "its seed count is not stated.")
-    paths += write_tables(rows, categories, out, args.name, args.scorer, notes)
+    paths = write_tables(rows, categories, out, args.name, args.scorer, notes)
     for path in paths:
         print(f"wrote {path}")
     return paths

@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -313,6 +314,20 @@ def choose_scorer(runs: Sequence[Run], requested: str | None = None) -> str | No
         return requested
     primaries = {r.results.get("scorer") for r in runs if r.results}
     return primaries.pop() if len(primaries) == 1 else ("strict" if primaries else None)
+
+
+def usable_runs(paths: Sequence[str | Path], out_dir: str | Path, scorer: str | None = None,
+                needs_scores: Callable[[Run], bool] = lambda run: True,
+                ) -> tuple[list[Run], list[tuple[Run, list[str]]], str | None]:
+    """Where every report starts: (usable runs, excluded runs with their problems, the scorer to use). The
+    excluded runs are printed and written to `out_dir` (`report_excluded`); no usable run is said."""
+    runs = load_runs(paths)
+    scorer = choose_scorer(runs, scorer)
+    usable, excluded = split_runs(runs, scorer, needs_scores)
+    report_excluded(excluded, out_dir)
+    if not usable:
+        print(f"No usable runs among {len(runs)} found under {', '.join(map(str, paths))}.", file=sys.stderr)
+    return usable, excluded, scorer
 
 
 def report_excluded(excluded: Sequence[tuple[Run, list[str]]], out_dir: str | Path | None = None,
