@@ -19,6 +19,7 @@ import yaml
 
 from lime.report import paper as paper_numbers
 from lime.report.runs import find_run_dirs, load_runs, split_runs, swept_keys
+from lime.report.tables import build_rows, format_params
 from lime.scoring import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -460,9 +461,11 @@ def test_deliberate_data_subset_is_not_incomplete(tmp_path):
     assert "cola" in excluded[0][1][0] and "okvqa" not in excluded[0][1][0]
 
 
-@pytest.mark.parametrize("count, text", [(1_740_800, "1.74M"), (70_000, "0.07M"), (10_000, "0.01M"),
-                                         (6032, "6,032"), (None, "–")])
-def test_params_column_is_the_papers_style_and_exact_for_tiny_models(count, text):
-    from lime.report.tables import format_params
-
-    assert format_params(count) == text
+def test_params_column_is_the_papers_style_and_exact_when_every_row_is_tiny(tmp_path):
+    assert (format_params(1_740_800), format_params(70_000), format_params(None)) == ("1.74M", "0.07M", "–")
+    for trainable, expected in ((6032, {"6,032", "9,984"}), (1_740_800, {"1.74M", "0.01M"})):
+        for method, count in (("lora", trainable), ("moe_lora", 9984)):
+            make_run(tmp_path / str(trainable) / method, method=method, scores=all_scores(method, 0, CATEGORIES),
+                     info={"trainable_params": count})
+        _, rows = build_rows(load_runs([tmp_path / str(trainable)]))
+        assert {row.params_text for row in rows} == expected

@@ -59,22 +59,25 @@ class Row:
     runs: list[Run] = field(default_factory=list)
 
 
-def format_params(count: float | None) -> str:
-    """1_740_800 -> "1.74M", 70_000 -> "0.07M" (the paper's #TTP style); below 10,000 (tiny models, where
-    "0.01M" would hide the differences) the exact count, 6032 -> "6,032"."""
+# Below this many trainable parameters in every row (tiny models), "0.01M" would hide the differences.
+EXACT_PARAMS_BELOW = 100_000
+
+
+def format_params(count: float | None, exact: bool = False) -> str:
+    """1_740_800 -> "1.74M", 70_000 -> "0.07M" (the paper's #TTP style); exact: 6032 -> "6,032"."""
     if count is None:
         return "–"
-    return f"{count / 1e6:.2f}M" if count >= 10_000 else f"{count:,.0f}"
+    return f"{count:,.0f}" if exact else f"{count / 1e6:.2f}M"
 
 
-def _params(runs: Sequence[Run], key: str) -> tuple[float | None, str]:
+def _params(runs: Sequence[Run], key: str, exact: bool) -> tuple[float | None, str]:
     """The (normally identical) parameter count of a group's runs; a range when seeds disagree."""
     values = sorted({r.info[key] for r in runs if finite(r.info.get(key))})
     if not values:
         return None, "–"
     if len(values) == 1:
-        return values[0], format_params(values[0])
-    return statistics.fmean(values), f"{format_params(values[0])}–{format_params(values[-1])}"
+        return values[0], format_params(values[0], exact)
+    return statistics.fmean(values), f"{format_params(values[0], exact)}–{format_params(values[-1], exact)}"
 
 
 def group_value(run: Run, group_by: Sequence[str]) -> tuple:
@@ -137,10 +140,11 @@ def build_rows(
     for run in runs:
         groups.setdefault(group_value(run, group_by), []).append(run)
     rows, paper_done = [], set()
+    exact = all(r.info.get("trainable_params", 0) < EXACT_PARAMS_BELOW for r in runs)
     ordered = sorted(groups, key=lambda v: _group_order(v, group_by))
     for i, values in enumerate(ordered):
         members = groups[values]
-        rows.append(_our_row(values, members, group_by, categories, scorer))
+        rows.append(_our_row(values, members, group_by, categories, scorer, exact))
         method = values[group_by.index("peft.name")] if "peft.name" in group_by else None
         # The paper row goes after the last group of its method (group_by may split a method further).
         last_of_method = i + 1 == len(ordered) or method is None or (
@@ -154,12 +158,12 @@ def build_rows(
 
 
 def _our_row(values: tuple, runs: list[Run], group_by: Sequence[str], categories: list[str],
-             scorer: str | None) -> Row:
+             scorer: str | None, exact_params: bool) -> Row:
     cells = {c: Stat.of([r.category_scores(scorer).get(c, math.nan) for r in runs]) for c in categories}
     means = [run_mean(r, scorer) for r in runs]
     cells[MEAN_COLUMN] = Stat.of([math.nan if m is None else m for m in means])
-    trainable, params_text = _params(runs, "trainable_params")
-    total, _ = _params(runs, "total_params")
+    trainable, params_text = _params(runs, "trainable_params", exact_params)
+    total, _ = _params(runs, "total_params", exact_params)
     return Row(label=group_label(values, group_by), group=",".join(map(str, values)), source="ours",
                cells=cells, n=len(runs), trainable_params=trainable, total_params=total,
                params_text=params_text, runs=list(runs))
