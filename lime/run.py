@@ -119,12 +119,41 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+def reset_peak_memory() -> str:
+    """Start a new memory peak and say what it covers: "run" or, where it cannot be reset, "process".
+
+    GPU: the CUDA allocator's peak. CPU: the resident-set high-water mark (VmHWM), reset on Linux through
+    /proc/self/clear_refs. Without the reset, the runs of a Hydra multirun (one process) would each report the
+    highest peak of every run before them."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return "run"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return "run"
+    except OSError:  # not Linux: the peak spans the process (recorded as such in run_info.json)
+        return "process"
+
+
+def peak_memory_bytes() -> int:
+    """The peak since `reset_peak_memory`: CUDA's max_memory_allocated, else the process's VmHWM."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 class RunRecord:
     """run_info.json: written at the start (status running) and rewritten at the end (completed or failed)."""
 
     def __init__(self, run_dir: Path, cfg: Mapping[str, Any], experiment: str | None) -> None:
         self.path = run_dir / "run_info.json"
         self.start = time.perf_counter()
+        memory_scope = reset_peak_memory()
         self.info: dict[str, Any] = {
             "status": "running", "error": None, "mode": cfg["mode"], "method": cfg["peft"].get("name"),
             "model": cfg["model"].get("name"), "data": cfg["data"].get("name"), "seed": cfg["seed"],
@@ -133,6 +162,8 @@ class RunRecord:
             "versions": {"lime": "0.1.0", "torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+            "peak_memory": ("torch.cuda.max_memory_allocated" if torch.cuda.is_available()
+                            else "peak resident set (VmHWM)") + f", over the {memory_scope}",
         }
         self.write()
 
@@ -149,11 +180,9 @@ class RunRecord:
         os.replace(tmp, self.path)
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
-        peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         self.update(status=status, error=None if error is None else f"{type(error).__name__}: {error}",
                     finished=datetime.datetime.now().isoformat(timespec="seconds"),
-                    wall_time_s=round(time.perf_counter() - self.start, 2), peak_memory_bytes=int(peak))
+                    wall_time_s=round(time.perf_counter() - self.start, 2), peak_memory_bytes=peak_memory_bytes())
 
 
 def fit(model: torch.nn.Module, processor: Any, train_set: data.MMTDataset, cfg: Mapping[str, Any],
@@ -211,7 +240,8 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
             if wandb is not None and getattr(wandb, "run", None) is not None:
                 record.update(wandb_run=str(wandb.run.dir))
                 wandb.finish()
-            record.update(train_time_s=metrics.get("train_runtime"), train_samples=metrics["train_samples"],
+            record.update(train_peak_memory_bytes=peak_memory_bytes(),  # building, loading and training
+                          train_time_s=metrics.get("train_runtime"), train_samples=metrics["train_samples"],
                           train_samples_per_s=metrics.get("train_samples_per_second"),
                           train_loss=metrics.get("train_loss"), skipped_train_samples=metrics["skipped_samples"])
         splits.pop("train", None)

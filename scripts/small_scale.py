@@ -15,6 +15,7 @@ line, which win over the experiment's (Hydra applies command-line overrides afte
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -90,7 +91,8 @@ def pretrain_backbone() -> None:
 def report(experiment: str, args: argparse.Namespace) -> None:
     """Table 2 beside the paper's; for the others, their figure panels (the paper's values overlaid) and a table
     with one row per swept setting."""
-    runs, out = str(args.runs / experiment), str(args.out / experiment / "small_scale")
+    # Relative to the repository (the reports name their source): the same text on every machine.
+    runs, out = (os.path.relpath(p, ROOT) for p in (args.runs / experiment, args.out / experiment / "small_scale"))
     scripts = [["make_tables.py", "--paper"]] if experiment == "table2" else [
         ["make_tables.py", "--name", "results"], ["make_figures.py", "--paper"]]
     for script, *options in scripts:

@@ -290,6 +290,7 @@ def test_figures_for_each_panel(sweeps, tmp_path, low_dpi):
     paths = make_figures.main([str(sweeps["root"]), "--out", str(out), "--paper"])
     expected = {
         "efficiency_time_throughput", "efficiency_memory", "efficiency_params",  # no results.json needed
+        "efficiency_relative",
         "ablation_ngram", "ablation_ngram_entropy", "ablation_ngram_usage",
         "ablation_temperature", "ablation_temperature_entropy", "ablation_temperature_usage",
     }
@@ -469,3 +470,24 @@ def test_params_column_is_the_papers_style_and_exact_when_every_row_is_tiny(tmp_
                      info={"trainable_params": count})
         _, rows = build_rows(load_runs([tmp_path / str(trainable)]))
         assert {row.params_text for row in rows} == expected
+
+
+def test_efficiency_ratios_compare_across_models_and_minutes_only_on_the_papers_model(tmp_path):
+    from lime.report import figures
+
+    seconds = {"lime_dora": (40.0, 44.0), "moe_dora": (60.0, 62.0), "lora": (30.0, 30.0)}  # seeds 0 and 1
+    for method, times in seconds.items():
+        for seed, time_s in enumerate(times):
+            make_run(tmp_path / f"{method}-{seed}", method=method, seed=seed, experiment="efficiency", scores=None,
+                     info={"train_time_s": time_s})
+    runs = load_runs([tmp_path])
+    reference, ours, paper = figures.relative_efficiency(figures.efficiency_stats(runs))
+    assert reference == "moe_dora"
+    assert ours["lime_dora"]["train_time"] == pytest.approx(42.0 / 61.0)
+    assert paper["lime_dora"]["train_time"] == pytest.approx(35.5 / 50.2)  # the paper's "29 % less time"
+    assert ours["moe_dora"] == dict.fromkeys(figures.RELATIVE_FIELDS, 1.0)
+    assert ours["lora"]["train_time"] is not None and paper["lora"]["train_time"] is None  # not in Fig. 2
+    assert figures._same_model_as_paper(runs, None)  # make_run's runs are on llava_ov_0.5b, as Fig. 2
+    for run in runs:
+        run.info["model"] = "tiny_llava_ov"
+    assert not figures._same_model_as_paper(runs, None)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from lime.config import ConfigError
-from lime.run import run
+from lime.run import peak_memory_bytes, reset_peak_memory, run
 
 ROOT = Path(__file__).resolve().parent.parent
 # A few samples per task, a random (not pretrained) backbone, a handful of steps: the machinery, not the scores.
@@ -49,6 +49,7 @@ def test_end_to_end_run_directory(tmp_path):
     assert len(results["tasks"]) == 16 and all(t["samples"] == 2 for t in results["tasks"].values())
     assert "lenient" in results["other_scorers"]
     assert len(list((tmp_path / "predictions").glob("*.jsonl"))) == 16
+    assert 0 < info["train_peak_memory_bytes"] <= info["peak_memory_bytes"]
 
     # mode=eval reloads the adapter and reproduces the predictions
     again = run(compose_config(*SMALL, "mode=eval", f"checkpoint={tmp_path}"), tmp_path / "eval")
@@ -264,3 +265,13 @@ def test_a_corrupt_training_image_is_named_or_skipped_and_counted(tmp_path, on_e
     run(cfg, tmp_path / "run")
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["status"] == "completed" and info["skipped_train_samples"] == 1
+
+
+def test_peak_memory_is_each_runs_own():
+    """A Hydra multirun is one process: each run's peak must not carry the peaks of the runs before it."""
+    assert reset_peak_memory() == "run"  # Linux (CI): /proc/self/clear_refs resets the high-water mark
+    big = torch.ones(100 * 2**20)  # 400 MiB, written: resident
+    first = peak_memory_bytes()
+    del big
+    assert reset_peak_memory() == "run"
+    assert first - peak_memory_bytes() > 300 * 2**20

@@ -499,7 +499,7 @@ EFFICIENCY_FIELDS = {
     "train_time": ("training time (min)", lambda i: i.get("train_time_s", math.nan) / 60, "train_time_min"),
     "throughput": ("throughput (samples/s)", lambda i: i.get("train_samples_per_s"), "throughput"),
     # A training-only peak (train_peak_memory_bytes) is preferred when logged: peak_memory_bytes spans evaluation too.
-    "memory": ("peak GPU memory (GiB)",
+    "memory": ("peak memory (GiB)",
                lambda i: i.get("train_peak_memory_bytes", i.get("peak_memory_bytes", math.nan)) / 2**30,
                "peak_memory_gb"),
     "trainable": ("trainable parameters (M)", lambda i: i.get("trainable_params", math.nan) / 1e6,
@@ -517,6 +517,18 @@ def efficiency_stats(runs: Sequence[Run]) -> dict[str, dict[str, Stat]]:
     methods = sorted(by_method, key=lambda m: (order.index(m) if m in order else len(order), m))
     return {m: {f: Stat.of([spec[1](r.info) for r in by_method[m]]) for f, spec in EFFICIENCY_FIELDS.items()}
             for m in methods}
+
+
+def _memory_label(runs: Sequence[Run]) -> str:
+    """What the runs' peak memory is (run_info's `peak_memory`): the GPU allocator's, or the CPU process's."""
+    kinds = sorted({str(r.info.get("peak_memory") or ("GPU" if "cpu" not in str(r.info.get("device")) else "CPU"))
+                    for r in runs})
+    return "; ".join(kinds)
+
+
+def _same_model_as_paper(runs: Sequence[Run], data: dict | None) -> bool:
+    """Figure 2's absolute values belong beside runs of its model only (a tiny model's minutes are not)."""
+    return {r.info.get("model") for r in runs} == {(data or paper_numbers.load())["figure2"]["model"]}
 
 
 def _paper_value(method: str, field: str, data: dict | None) -> float | None:
@@ -561,13 +573,18 @@ def _legend_handles(paper: bool) -> list:
 
 def plot_efficiency(runs: Sequence[Run], out_dir: Path, paper: bool = False,
                     paper_data: dict | None = None) -> list[Path]:
-    """Figure 2: throughput vs training time; peak memory; trainable and total parameters, per method."""
+    """Figure 2: throughput vs training time; peak memory; trainable and total parameters, per method; and the
+    same relative to one method, ours beside the paper's. The paper's absolute values are overlaid only on runs of
+    its model (LLaVA-OV-0.5B): on another model only the ratios compare."""
     stats = efficiency_stats(runs)
     if not stats:
         return []
     methods = list(stats)
     colors = dict(zip(methods, _colors(len(methods)), strict=True))
     n = _run_count_text([Point(m, 0, False, r) for r in runs for m in [r.method]])
+    absolute = paper and _same_model_as_paper(runs, paper_data)
+    if paper and not absolute:
+        n += "; paper values: relative figure only (another model)"
     paths = []
 
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
@@ -580,34 +597,93 @@ def plot_efficiency(runs: Sequence[Run], out_dir: Path, paper: bool = False,
                     capsize=3, label=paper_numbers.method_label(method))
         ax.annotate(paper_numbers.method_label(method), (t.mean, s.mean), textcoords="offset points",
                     xytext=(7, 5), fontsize=8.5)
-        pt, ps = (_paper_value(method, f, paper_data) for f in ("train_time", "throughput")) if paper else (None,) * 2
+        pt, ps = (_paper_value(method, f, paper_data) if absolute else None for f in ("train_time", "throughput"))
         if pt is not None and ps is not None:
             ax.plot(pt, ps, marker=_marker(method), markersize=11, color=colors[method], markerfacecolor="white",
                     linestyle="none")
             ax.plot([t.mean, pt], [s.mean, ps], color=colors[method], linewidth=0.7, linestyle=":")
-    tag = " (paper: PIXEL)" if paper else ""
+    tag = " (paper: PIXEL)" if absolute else ""
     ax.set_xlabel(EFFICIENCY_FIELDS["train_time"][0] + tag)
     ax.set_ylabel(EFFICIENCY_FIELDS["throughput"][0] + tag)
     ax.set_title(f"Training throughput vs training time\n{n}", fontsize=11)
-    ax.legend(handles=ax.get_legend_handles_labels()[0] + _legend_handles(paper), frameon=False, fontsize=8,
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + _legend_handles(absolute), frameon=False, fontsize=8,
               loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     paths += _save(fig, out_dir, "efficiency_time_throughput")
 
     for name, fields, title in (
-        ("efficiency_memory", ["memory"], "Peak GPU memory during training"),
+        ("efficiency_memory", ["memory"], f"Peak memory during training ({_memory_label(runs)})"),
         ("efficiency_params", ["trainable", "total"], "Trainable and total parameters"),
     ):
-        fig, axes = plt.subplots(1, len(fields), figsize=(5.2 * len(fields) + 1.5, 0.42 * len(methods) + 1.8),
-                                 squeeze=False)
-        for ax, field in zip(axes[0], fields, strict=True):
-            _dot_panel(ax, methods, stats, field, colors, paper, paper_data)
-        axes[0][-1].legend(handles=_legend_handles(paper), frameon=False, loc="center left",
-                           bbox_to_anchor=(1.01, 0.5))
-        fig.suptitle(f"{title}\n{n}", fontsize=11)
-        fig.tight_layout()
-        paths += _save(fig, out_dir, name)
+        paths += _dot_figure(methods, fields, stats, colors, absolute, paper_data, f"{title}\n{n}", out_dir, name)
+    if paper:
+        paths += plot_efficiency_relative(stats, colors, paper_data, n, out_dir)
     return paths
+
+
+def _dot_figure(methods: list[str], fields: list[str], stats: dict, colors: dict, paper: bool, data: dict | None,
+                title: str, out_dir: Path, name: str) -> list[Path]:
+    fig, axes = plt.subplots(1, len(fields), figsize=(5.2 * len(fields) + 1.5, 0.42 * len(methods) + 1.8),
+                             squeeze=False)
+    for ax, field in zip(axes[0], fields, strict=True):
+        _dot_panel(ax, methods, stats, field, colors, paper, data)
+    axes[0][-1].legend(handles=_legend_handles(paper), frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(textwrap.fill(title, 90), fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out_dir, name)
+
+
+# The paper's headline efficiency comparison is against MoEDoRA (LiME-DoRA: 29 % less training time).
+RELATIVE_TO = ("moe_dora", "moe_lora")
+
+
+RELATIVE_FIELDS = ("train_time", "throughput", "memory", "trainable")
+
+
+def relative_efficiency(stats: dict[str, dict[str, Stat]], paper_data: dict | None = None,
+                        ) -> tuple[str | None, dict[str, dict[str, float | None]], dict[str, dict[str, float | None]]]:
+    """(reference method, ours, the paper's): each method's RELATIVE_FIELDS divided by the reference's (the
+    first of RELATIVE_TO that both have). Ratios are comparable across models and devices; minutes are not."""
+    reference = next((m for m in RELATIVE_TO if m in stats and _paper_value(m, "train_time", paper_data)), None)
+    if reference is None:
+        return None, {}, {}
+
+    def ratio(value: float | None, base: float | None) -> float | None:
+        return value / base if value is not None and base else None
+
+    ours = {m: {f: ratio(stats[m][f].mean, stats[reference][f].mean) for f in RELATIVE_FIELDS} for m in stats}
+    paper = {m: {f: ratio(_paper_value(m, f, paper_data), _paper_value(reference, f, paper_data))
+                 for f in RELATIVE_FIELDS} for m in stats}
+    return reference, ours, paper
+
+
+def plot_efficiency_relative(stats: dict[str, dict[str, Stat]], colors: dict, paper_data: dict | None, n: str,
+                             out_dir: Path) -> list[Path]:
+    """`relative_efficiency` drawn: one row per method, ours filled and the paper's hollow, 1 = the reference."""
+    reference, relative, paper_relative = relative_efficiency(stats, paper_data)
+    if reference is None:
+        return []
+    methods = list(stats)
+    width, height = 4.2 * len(RELATIVE_FIELDS) + 1.5, 0.42 * len(methods) + 1.8
+    fig, axes = plt.subplots(1, len(RELATIVE_FIELDS), figsize=(width, height), squeeze=False, sharey=True)
+    label = paper_numbers.method_label(reference)
+    for ax, field in zip(axes[0], RELATIVE_FIELDS, strict=True):
+        for i, method in enumerate(methods):
+            ours, theirs = relative[method][field], paper_relative[method][field]
+            if ours is not None:
+                ax.plot(ours, i, marker=_marker(method), markersize=9, color=colors[method], linestyle="none")
+            if theirs is not None:
+                ax.plot(theirs, i, marker=_marker(method), markersize=9, color=colors[method], linestyle="none",
+                        markerfacecolor="white")
+        ax.axvline(1.0, color="0.5", linewidth=0.8)
+        ax.set_xlabel(f"{EFFICIENCY_FIELDS[field][0].split(' (')[0]}\n÷ {label}'s")
+        ax.margins(x=0.15)
+    axes[0][0].set_yticks(range(len(methods)), [paper_numbers.method_label(m) for m in methods])
+    axes[0][0].invert_yaxis()
+    axes[0][-1].legend(handles=_legend_handles(True), frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"Efficiency relative to {label} (ours vs the paper's Fig. 2)\n{n}", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out_dir, "efficiency_relative")
 
 
 # --------------------------------------------------------------------------------------------------------
