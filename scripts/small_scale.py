@@ -88,13 +88,16 @@ def pretrain_backbone() -> None:
     ensure_backbone(cfg["model"], cfg["data"])
 
 
+REPORTS = {  # experiment -> the report scripts and their options; ablations: figures + one table row per setting
+    "table2": [["make_tables.py", "--paper"]],                 # beside the paper's rows
+    "efficiency": [["make_figures.py", "--paper"]],            # timing runs: no scores; efficiency.md has the numbers
+}
+
+
 def report(experiment: str, args: argparse.Namespace) -> None:
-    """Table 2 beside the paper's; for the others, their figure panels (the paper's values overlaid) and a table
-    with one row per swept setting."""
     # Relative to the repository (the reports name their source): the same text on every machine.
     runs, out = (os.path.relpath(p, ROOT) for p in (args.runs / experiment, args.out / experiment / "small_scale"))
-    scripts = [["make_tables.py", "--paper"]] if experiment == "table2" else [
-        ["make_tables.py", "--name", "results"], ["make_figures.py", "--paper"]]
+    scripts = REPORTS.get(experiment, [["make_tables.py", "--name", "results"], ["make_figures.py", "--paper"]])
     for script, *options in scripts:
         subprocess.run([sys.executable, str(ROOT / "scripts" / script), runs, "--out", out, *options],
                        check=True, cwd=ROOT)

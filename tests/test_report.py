@@ -290,12 +290,13 @@ def test_figures_for_each_panel(sweeps, tmp_path, low_dpi):
     paths = make_figures.main([str(sweeps["root"]), "--out", str(out), "--paper"])
     expected = {
         "efficiency_time_throughput", "efficiency_memory", "efficiency_params",  # no results.json needed
-        "efficiency_relative",
+        "efficiency_relative", "efficiency",  # efficiency.md / .csv: the plotted numbers
         "ablation_ngram", "ablation_ngram_entropy", "ablation_ngram_usage",
         "ablation_temperature", "ablation_temperature_entropy", "ablation_temperature_usage",
     }
     assert {p.stem for p in paths} == expected
-    for stem in expected:
+    assert "| LiMELoRA | 2 | " in (out / "efficiency.md").read_text()
+    for stem in expected - {"efficiency"}:
         png, pdf = out / f"{stem}.png", out / f"{stem}.pdf"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
         assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000

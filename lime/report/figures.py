@@ -33,7 +33,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from lime.report import paper as paper_numbers  # noqa: E402
 from lime.report.runs import Run, finite, swept_keys  # noqa: E402
-from lime.report.tables import Stat  # noqa: E402
+from lime.report.tables import Stat, write_csv  # noqa: E402
 
 STYLE = {
     "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 8.5,
@@ -618,7 +618,35 @@ def plot_efficiency(runs: Sequence[Run], out_dir: Path, paper: bool = False,
         paths += _dot_figure(methods, fields, stats, colors, absolute, paper_data, f"{title}\n{n}", out_dir, name)
     if paper:
         paths += plot_efficiency_relative(stats, colors, paper_data, n, out_dir)
-    return paths
+    return paths + write_efficiency_table(stats, paper_data, out_dir)
+
+
+def write_efficiency_table(stats: dict[str, dict[str, Stat]], paper_data: dict | None, out_dir: Path) -> list[Path]:
+    """efficiency.md and .csv: the plotted means per method, and the ratios to the reference (ours, paper's)."""
+    reference, ours, paper = relative_efficiency(stats, paper_data)
+    fields = ["method", "n", *(f for f in EFFICIENCY_FIELDS)]
+    if reference is not None:
+        fields += [f"{f}_vs_{reference}{who}" for f in RELATIVE_FIELDS for who in ("", "_paper")]
+    records = []
+    for method, stat in stats.items():
+        record = {"method": paper_numbers.method_label(method), "n": stat["train_time"].n}
+        record.update({f: None if stat[f].mean is None else round(stat[f].mean, 4) for f in EFFICIENCY_FIELDS})
+        for f in RELATIVE_FIELDS if reference is not None else ():
+            for who, value in (("", ours[method][f]), ("_paper", paper[method][f])):
+                record[f"{f}_vs_{reference}{who}"] = None if value is None else round(value, 3)
+        records.append(record)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, csv_path = out_dir / "efficiency.md", out_dir / "efficiency.csv"
+    write_csv(csv_path, fields, records)
+    header = {f: spec[0] for f, spec in EFFICIENCY_FIELDS.items()}
+    for f in RELATIVE_FIELDS if reference is not None else ():
+        ratio = f"{EFFICIENCY_FIELDS[f][0].split(' (')[0]} ÷ {paper_numbers.method_label(reference)}"
+        header[f"{f}_vs_{reference}"], header[f"{f}_vs_{reference}_paper"] = ratio, f"{ratio} (paper)"
+    header = [header.get(f, f) for f in fields]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(fields)]
+    lines += ["| " + " | ".join("–" if r.get(f) is None else str(r[f]) for f in fields) + " |" for r in records]
+    md.write_text("# Efficiency: means over runs\n\n" + "\n".join(lines) + "\n")
+    return [md, csv_path]
 
 
 def _dot_figure(methods: list[str], fields: list[str], stats: dict, colors: dict, paper: bool, data: dict | None,

@@ -284,7 +284,7 @@ def per_run_rows(rows: Sequence[Row], categories: Sequence[str], scorer: str | N
     return fields, out
 
 
-def _write_csv(path: Path, fields: list[str], records: list[dict]) -> None:
+def write_csv(path: Path, fields: list[str], records: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
@@ -308,6 +308,6 @@ def write_tables(
     caption = (r"Average score (\%) per category, mean $\pm$ sample std over runs (seeds); $n$ = runs averaged; "
                r"\#TTP = trainable parameters. Rows in italics: the paper's published values.")
     paths[1].write_text(to_latex(rows, categories, caption, comment="\n".join(notes)))
-    _write_csv(paths[2], *csv_rows(rows, categories))
-    _write_csv(paths[3], *per_run_rows(rows, categories, scorer))
+    write_csv(paths[2], *csv_rows(rows, categories))
+    write_csv(paths[3], *per_run_rows(rows, categories, scorer))
     return paths
