@@ -94,29 +94,32 @@ REPORTS = {  # experiment -> the report scripts and their options; ablations: fi
 }
 
 
-def report(experiment: str, args: argparse.Namespace) -> None:
+def report(experiment: str, args: argparse.Namespace) -> bool:
+    """Rebuild the experiment's reports; False (after the others were tried) when a report script failed."""
     # Relative to the repository (the reports name their source): the same text on every machine.
     runs, out = (os.path.relpath(p, ROOT) for p in (args.runs / experiment, args.out / experiment / "small_scale"))
     scripts = REPORTS.get(experiment, [["make_tables.py", "--name", "results"], ["make_figures.py", "--paper"]])
-    for script, *options in scripts:
-        subprocess.run([sys.executable, str(ROOT / "scripts" / script), runs, "--out", out, *options],
-                       check=True, cwd=ROOT)
+    codes = [subprocess.run([sys.executable, str(ROOT / "scripts" / script), runs, "--out", out, *options],
+                            cwd=ROOT).returncode for script, *options in scripts]
+    return not any(codes)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """0 when every sweep ran and every report was written, else 1 (what failed is printed)."""
     args = parse_args(argv)
+    failed = []
     if not args.report_only:
         (args.runs / "logs").mkdir(parents=True, exist_ok=True)
         pretrain_backbone()
         units = [(e, s) for e in args.experiments for s in seeds(e, args)]
         with ThreadPoolExecutor(args.jobs) as pool:
             failed = [u for u, ok in zip(units, pool.map(lambda u: run(*u, args), units), strict=True) if not ok]
-        if failed:
-            print(f"{len(failed)} of {len(units)} sweeps failed: {failed}", file=sys.stderr)
-    for experiment in args.experiments:
-        if (args.runs / experiment).is_dir():
-            report(experiment, args)
+    reports = [e for e in args.experiments if (args.runs / e).is_dir()]
+    failed += [f"report of {e}" for e in reports if not report(e, args)]
+    if failed:
+        print(f"FAILED: {failed}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -272,6 +272,18 @@ def test_group_by_sweep_key(sweeps, tmp_path, group_by):
     assert rows[0]["method"] == "LiMELoRA, n_gram=1"
 
 
+def test_a_list_valued_sweep_key_groups_and_labels_its_values(tmp_path):
+    """ablation_layers / ablation_targets sweep lists (peft.layer_indices, peft.targets)."""
+    for job, (value, seed) in enumerate((v, s) for v in ("[20,21]", "null") for s in (0, 1)):
+        make_run(tmp_path / "runs" / str(job), seed=seed, experiment="ablation_layers",
+                 overrides=[f"peft.layer_indices={value}"], scores=all_scores("lime_lora", seed, CATEGORIES))
+    make_tables.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "table2.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["n"]) for r in rows] == [
+        ("LiMELoRA, layer_indices=[20, 21]", "2"), ("LiMELoRA, layer_indices=None", "2")]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------------------

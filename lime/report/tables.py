@@ -16,6 +16,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lime.report import paper as paper_numbers
 from lime.report.runs import Run, finite, swept_keys
@@ -80,8 +81,17 @@ def _params(runs: Sequence[Run], key: str, exact: bool) -> tuple[float | None, s
     return statistics.fmean(values), f"{format_params(values[0], exact)}–{format_params(values[-1], exact)}"
 
 
+def _frozen(value: Any) -> Any:
+    """A config value as a dict key: lists (peft.targets, peft.layer_indices) become tuples."""
+    return tuple(map(_frozen, value)) if isinstance(value, list | tuple) else value
+
+
 def group_value(run: Run, group_by: Sequence[str]) -> tuple:
-    return tuple(run.get(key) for key in group_by)
+    return tuple(_frozen(run.get(key)) for key in group_by)
+
+
+def _value_text(value: Any) -> str:
+    return f"[{', '.join(map(_value_text, value))}]" if isinstance(value, tuple) else str(value)
 
 
 def group_label(values: tuple, group_by: Sequence[str]) -> str:
@@ -91,7 +101,7 @@ def group_label(values: tuple, group_by: Sequence[str]) -> str:
         if key == "peft.name":
             parts.append(paper_numbers.method_label(str(value)))
         else:
-            parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+            parts.append(f"{key.rsplit('.', 1)[-1]}={_value_text(value)}")
     return ", ".join(parts)
 
 
