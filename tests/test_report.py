@@ -504,3 +504,11 @@ def test_efficiency_ratios_compare_across_models_and_minutes_only_on_the_papers_
     for run in runs:
         run.info["model"] = "tiny_llava_ov"
     assert not figures._same_model_as_paper(runs, None)
+
+
+def test_reports_name_runs_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from lime.report.runs import shown_path
+
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(tmp_path / "multirun" / "x" / "0") == "multirun/x/0"  # the same text on any machine
+    assert shown_path(Path("/elsewhere/run")) == "/elsewhere/run"

@@ -288,6 +288,15 @@ def load_run(path: str | Path) -> Run:
     return run
 
 
+def shown_path(path: Path) -> str:
+    """A run's path as reports print it: relative to the working directory when inside it (a report rebuilt
+    on another machine then reads the same), else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def load_runs(paths: Iterable[str | Path]) -> list[Run]:
     return [load_run(p) for p in find_run_dirs(paths)]
 
@@ -334,7 +343,7 @@ def report_excluded(excluded: Sequence[tuple[Run, list[str]]], out_dir: str | Pa
                     echo: bool = True) -> list[Path]:
     """Print the excluded runs and write them to ``excluded_runs.md`` / ``.csv`` in `out_dir`.
     Writes the (empty) files also when nothing was excluded, so a stale list never survives a rebuild."""
-    rows = [{"run": str(run.path), "method": run.method, "seed": run.seed, "experiment": run.experiment,
+    rows = [{"run": shown_path(run.path), "method": run.method, "seed": run.seed, "experiment": run.experiment,
              "status": run.info.get("status"), "reasons": "; ".join(problems)} for run, problems in excluded]
     if echo:
         if rows:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lime.report import paper as paper_numbers
-from lime.report.runs import Run, finite, swept_keys
+from lime.report.runs import Run, finite, shown_path, swept_keys
 
 MEAN_COLUMN = "Mean"  # the per-run mean over its categories (results.json overall.mean_of_categories)
 
@@ -287,7 +287,7 @@ def per_run_rows(rows: Sequence[Row], categories: Sequence[str], scorer: str | N
     for row in rows:
         for run in row.runs:
             scores = run.category_scores(scorer)
-            out.append({"method": row.label, "group": row.group, "seed": run.seed, "run": str(run.path),
+            out.append({"method": row.label, "group": row.group, "seed": run.seed, "run": shown_path(run.path),
                         "trainable_params": run.info.get("trainable_params"),
                         "total_params": run.info.get("total_params"),
                         **{c: scores.get(c) for c in categories}, MEAN_COLUMN: run_mean(run, scorer)})
