@@ -9,7 +9,8 @@ regenerated from the logged runs, into experiments/<experiment>/small_scale/.
 An experiment is the paper's sweep (configs/experiment/<name>.yaml) with the small-scale groups on the command
 line, which win over the experiment's (Hydra applies command-line overrides after the sweeper's params). Each
 (experiment, seed) is one `train.py -m` process: runs go to <runs>/<experiment>/seed<S>/<job>, its log to
-<runs>/logs/. A failed process is reported and left out of the reports; the others go on.
+<runs>/logs/. The timed experiment (efficiency) runs after the others, alone on the machine. A failed process is
+reported and left out of the reports; the others go on.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = [  # the longest sweeps first, so that the job pool ends together
-    "table2", "ablation_experts", "ablation_gamma", "ablation_topk", "efficiency", "ablation_balance", "ablation_init",
+EXPERIMENTS = [  # the longest sweeps first, so that the job pool ends together; then the timed one, alone
+    "table2", "ablation_experts", "ablation_gamma", "ablation_topk", "ablation_balance", "ablation_init",
     "ablation_ngram", "ablation_temperature", "ablation_layers", "ablation_channels", "ablation_targets",
-    "ablation_router", "ablation_shared",
+    "ablation_router", "ablation_shared", "efficiency",
 ]
+TIMED = {"efficiency"}  # run alone: other jobs on the machine would be in its times
 SMALL = ["model=tiny_llava_ov", "data=mmt_mini", "trainer=smoke", "trainer.progress_bar=false"]
 # Where the tiny model cannot take the paper's value: it has 2 language-model blocks, not 24.
 TINY_SWEEPS = {"ablation_layers": ["peft.layer_indices=[1],null"]}
@@ -112,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         (args.runs / "logs").mkdir(parents=True, exist_ok=True)
         pretrain_backbone()
         units = [(e, s) for e in args.experiments for s in seeds(e, args)]
-        with ThreadPoolExecutor(args.jobs) as pool:
-            failed = [u for u, ok in zip(units, pool.map(lambda u: run(*u, args), units), strict=True) if not ok]
+        pooled, alone = [u for u in units if u[0] not in TIMED], [u for u in units if u[0] in TIMED]
+        for jobs, batch in ((args.jobs, pooled), (1, alone)):
+            with ThreadPoolExecutor(jobs) as pool:
+                failed += [u for u, ok in zip(batch, pool.map(lambda u: run(*u, args), batch), strict=True) if not ok]
     reports = [e for e in args.experiments if (args.runs / e).is_dir()]
     failed += [f"report of {e}" for e in reports if not report(e, args)]
     if failed:
