@@ -1,7 +1,6 @@
 """Every experiment composes, its sweep expands to the expected jobs, and the #params column is SPEC section 5."""
 
 import functools
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -17,6 +16,7 @@ from omegaconf import OmegaConf
 import lime
 from lime import models
 from lime.config import LiMEConfig
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -49,13 +49,6 @@ def sweep_jobs(experiment, extra=()):
 
 def test_every_experiment_has_a_job_count():
     assert sorted(JOBS) == EXPERIMENTS
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 SMALL_SCALE = load_script("small_scale")

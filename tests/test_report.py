@@ -7,7 +7,6 @@ run_info.json, metrics.jsonl and results.json / results.csv through lime.scoring
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import re
@@ -21,8 +20,7 @@ from lime.report import paper as paper_numbers
 from lime.report.runs import find_run_dirs, load_runs, split_runs, swept_keys
 from lime.report.tables import build_rows, format_params
 from lime.scoring import write_results
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 # The 7 categories as the data config names them (configs/data/taxonomy/mmt47.yaml), two tasks each.
 CATEGORIES = {
@@ -40,15 +38,8 @@ TRAIN_TIME_S = {"lime_lora": 1890.0, "moe_lora": 2460.0, "lime_dora": 2130.0, "l
 LAYERS = [f"model.language_model.layers.{i}.self_attn.{p}" for i in range(4) for p in ("q_proj", "v_proj")]
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_tables = _load_script("make_tables")
-make_figures = _load_script("make_figures")
+make_tables = load_script("make_tables")
+make_figures = load_script("make_figures")
 
 
 def score(method: str, seed: int, task: str) -> float:
