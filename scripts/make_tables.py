@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lime.report import build_rows, usable_runs, write_tables
 from lime.report import paper as paper_numbers
+from lime.report.runs import shown_path
 from lime.report.tables import varying_within_groups
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         f"Runs: {len(usable)} averaged, {len(excluded)} excluded (see excluded_runs.md). Scorer: {args.scorer}.",
         "n = runs averaged (seeds); ± = sample standard deviation (ddof=1), omitted for n = 1; "
         "#TTP = trainable parameters; Mean = mean over each run's categories.",
-        f"Source: {', '.join(map(str, args.paths))}",
+        f"Source: {', '.join(shown_path(p.resolve()) for p in args.paths)}",
     ]
     if any(r.selected_tasks() is not None for r in usable):
         notes.append("Some runs evaluate a data subset (data.tasks / data.categories): their category scores are "

@@ -16,7 +16,6 @@ reported and left out of the reports; the others go on.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -98,8 +97,7 @@ REPORTS = {  # experiment -> the report scripts and their options; ablations: fi
 
 def report(experiment: str, args: argparse.Namespace) -> bool:
     """Rebuild the experiment's reports; False (after the others were tried) when a report script failed."""
-    # Relative to the repository (the reports name their source): the same text on every machine.
-    runs, out = (os.path.relpath(p, ROOT) for p in (args.runs / experiment, args.out / experiment / "small_scale"))
+    runs, out = str(args.runs / experiment), str(args.out / experiment / "small_scale")
     scripts = REPORTS.get(experiment, [["make_tables.py", "--name", "results"], ["make_figures.py", "--paper"]])
     codes = [subprocess.run([sys.executable, str(ROOT / "scripts" / script), runs, "--out", out, *options],
                             cwd=ROOT).returncode for script, *options in scripts]
