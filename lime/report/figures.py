@@ -663,8 +663,6 @@ def _dot_figure(methods: list[str], fields: list[str], stats: dict, colors: dict
 
 # The paper's headline efficiency comparison is against MoEDoRA (LiME-DoRA: 29 % less training time).
 RELATIVE_TO = ("moe_dora", "moe_lora")
-
-
 RELATIVE_FIELDS = ("train_time", "throughput", "memory", "trainable")
 
 
