@@ -1,7 +1,7 @@
 """Tables and figures from run directories (lime/report, scripts/make_tables.py, scripts/make_figures.py).
 
 The fixture run directories are written the way train.py writes them: .hydra/config.yaml and overrides.yaml,
-run_info.json, metrics.jsonl and results.json / results.csv through lime.scoring.write_results.
+run_info.json, metrics.jsonl and results.json / results.csv through lime.results.write_results.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import yaml
 from lime.report import paper as paper_numbers
 from lime.report.runs import find_run_dirs, load_runs, split_runs, swept_keys
 from lime.report.tables import build_rows, format_params
-from lime.scoring import write_results
+from lime.results import write_results
 from tests.scripts import load_script
 
 # The 7 categories as the data config names them (configs/data/taxonomy/mmt47.yaml), two tasks each.
