@@ -13,8 +13,9 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from lime.scoring import ACCURACY, LENIENT_WARNING, SCORERS
+from lime.scoring import ACCURACY, LENIENT_WARNING, SCORERS, AcceptedAnswers
 
 
 class IncompleteResultsError(ValueError):
@@ -174,6 +175,11 @@ def write_results(
 PREDICTION_FIELDS = ("question", "answer", "prediction", "correct")
 
 
+def _answer_record(answer: Any) -> Any:
+    """A gold answer as the predictions file shows it: its accepted strings as a list when there are several."""
+    return list(answer.accepted) if isinstance(answer, AcceptedAnswers) else answer
+
+
 def write_predictions(run_dir: str | Path, split: str, rows: Iterable[Mapping]) -> Path:
     """Write ``predictions/<split>.jsonl``: one JSON object per sample with question, answer, prediction,
     correct first (all required), then any extra keys the caller added (e.g. ``lenient_correct``)."""
@@ -188,5 +194,6 @@ def write_predictions(run_dir: str | Path, split: str, rows: Iterable[Mapping]) 
                 raise ValueError(f"prediction row {i} of {split} lacks {missing}")
             extra = {k: v for k, v in row.items() if k not in PREDICTION_FIELDS}
             record = {k: row[k] for k in PREDICTION_FIELDS} | extra
+            record["answer"] = _answer_record(record["answer"])
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
