@@ -135,6 +135,28 @@ def config_from_meta(meta: dict) -> LiMEConfig:
     return LiMEConfig.from_dict({k: v for k, v in meta.items() if k in keys})
 
 
+def method_name(config: LiMEConfig) -> str:
+    """The configs/peft/ name of the method an adapter config describes: lime_lora, lora, moe_dora, mola, ..."""
+    if config.method == "plain":
+        return config.variant
+    if config.method in ("lime", "moe"):
+        return f"{config.method}_{config.variant}"
+    return config.method  # the MoE baselines defined for one variant (mola, hydralora, mixlora)
+
+
+def weights_sha256(directory: str | Path) -> str:
+    """sha256 of an adapter's weights file: the adapter's identity (one training run, one adapter)."""
+    return hashlib.sha256((Path(directory) / WEIGHTS_NAME).read_bytes()).hexdigest()
+
+
+def describe_adapter(directory: str | Path) -> dict:
+    """What an evaluation run records about the adapter it evaluates: its method, LiME config, path, checksum."""
+    directory = Path(directory)
+    config = config_from_meta(read_adapter_config(directory))
+    return {"method": method_name(config), "adapter_config": config.to_dict(),
+            "checkpoint": str(directory.resolve()), "adapter_sha256": weights_sha256(directory)}
+
+
 def _first_difference(saved: dict, current: dict, prefix: str = "") -> str | None:
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
