@@ -36,6 +36,9 @@ def test_the_training_target_of_a_list_answer_is_its_first_element(tiny_llava):
     train_text = Collator(processor, mode="train").text(sample)
     prompt = Collator(processor, mode="generate").text(sample)
     assert train_text[len(prompt):].startswith("nope<|im_end|>") and "['" not in train_text
+    labels = Collator(processor, mode="train")([sample])["labels"][0]
+    target = processor.tokenizer("nope<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert labels[labels != -100].tolist() == target  # the loss is on the first accepted answer alone
     batch = Collator(processor, mode="generate")([sample])
     assert batch.references[0].accepted == ("nope", "no")
 
