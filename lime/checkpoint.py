@@ -189,8 +189,9 @@ def _check_wrapped_modules(meta: dict, wrapped: list[str], path: Path) -> None:
     listed = meta.get("wrapped_modules")
     if listed is None:
         return
-    if not isinstance(listed, list) or sorted(listed) != sorted(wrapped):
-        listed = listed if isinstance(listed, list) else [listed]
+    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+        raise AdapterError(f"{path}: wrapped_modules must be a list of module names, got {listed!r}")
+    if sorted(listed) != sorted(wrapped):
         extra, missing = sorted(set(listed) - set(wrapped)), sorted(set(wrapped) - set(listed))
         raise AdapterError(f"{path}: wrapped_modules does not match the modules its config wraps on this model "
                            f"(listed but not wrapped: {extra}; wrapped but not listed: {missing})")

@@ -544,20 +544,24 @@ def test_a_seed_is_counted_once_and_eval_runs_carry_their_adapters_method(tmp_pa
     resumed = make_run(root / "resumed" / "1", seed=1, overrides=["peft=lime_lora", f"trainer.resume={trained[1]}"],
                        scores=all_scores("lime_lora", 1, CATEGORIES))
     save_adapter_bytes(resumed, b"lime seed 1")
+    # An eval run written before run_info recorded the adapter: found through the checkpoint it names.
+    make_run(root / "eval" / "1", seed=1, overrides=["peft=lime_lora", "mode=eval", f"checkpoint={trained[1]}"],
+             config={"mode": "eval", "checkpoint": str(trained[1])}, scores=all_scores("lime_lora", 1, CATEGORIES))
 
     out = tmp_path / "out"
     make_tables.main([str(root), "--out", str(out)])
     printed = capsys.readouterr().out
     with open(out / "table2.csv") as f:
         rows = {r["group"]: r for r in csv.DictReader(f)}
-    assert (rows["lime_lora"]["n"], rows["moe_lora"]["n"]) == ("2", "1")  # 5 runs, 3 adapters
+    assert (rows["lime_lora"]["n"], rows["moe_lora"]["n"]) == ("2", "1")  # 6 runs, 3 adapters
     assert float(rows["moe_lora"]["trainable_params"]) == METHODS["moe_lora"]
     mean, std = _expected("lime_lora", "GLUE")
     assert float(rows["lime_lora"]["GLUE mean"]) == pytest.approx(mean)
     assert float(rows["lime_lora"]["GLUE std"]) == pytest.approx(std)  # not ± 0.00 from copies
-    assert "DEDUPLICATED 2 run(s)" in printed
+    assert "DEDUPLICATED 3 run(s)" in printed
     excluded = (out / "excluded_runs.md").read_text()
-    for copy, original in ((root / "eval" / "0", trained[0]), (root / "resumed" / "1", trained[1])):
+    copies = {root / "eval" / "0": trained[0], root / "eval" / "1": trained[1], root / "resumed" / "1": trained[1]}
+    for copy, original in copies.items():
         line = next(ln for ln in excluded.splitlines() if str(copy) in ln)
         assert f"same adapter as {original}" in line
     with open(out / "table2_runs.csv") as f:

@@ -128,13 +128,17 @@ class Run:
 
     @cached_property
     def adapter_sha256(self) -> str | None:
-        """The identity of the adapter whose scores this run holds: the checkpoint an eval run recorded, else
-        the sha256 of the adapter the run saved (None without either)."""
+        """The identity of the adapter whose scores this run holds: the sha256 an eval run recorded, else that
+        of the weights file the run saved or (an eval run from before that record) of the checkpoint it names;
+        None when none of these can be read."""
         recorded = self.info.get("adapter_sha256")
         if recorded:
             return str(recorded)
-        weights = self.path / ADAPTER_WEIGHTS
-        return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+        source = Path(str(self.get("checkpoint"))) if self.is_eval and self.get("checkpoint") else self.path
+        for weights in (source / ADAPTER_WEIGHTS, source / ADAPTER_WEIGHTS.name):
+            if weights.is_file():
+                return hashlib.sha256(weights.read_bytes()).hexdigest()
+        return None
 
     @property
     def is_eval(self) -> bool:
