@@ -104,7 +104,7 @@ def evaluate(
     categories = {name: list(tasks) for name, tasks in taxonomy.categories.items()
                   if any(task in scores[scorer] for task in tasks)}
     results = write_results(run_dir, scores[scorer], categories, scorer, counts,
-                                    other_scorers={other: scores[other]})
+                            other_scorers={other: scores[other]})
     return results
 
 
