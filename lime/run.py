@@ -89,6 +89,16 @@ def adapter_dir(checkpoint: str | Path) -> Path:
     return path / "adapter" if (path / "adapter").is_dir() else path
 
 
+def evaluated_adapter(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The adapter an eval run evaluates (method, config, path, sha256); a peft= that names another method
+    is overruled, loudly."""
+    adapter = lime.checkpoint.describe_adapter(adapter_dir(cfg["checkpoint"]))
+    if cfg["peft"].get("name") not in (None, adapter["method"]):
+        logger.warning("peft=%s is ignored in mode=eval: the adapter at %s is %s, and the run is recorded as %s",
+                       cfg["peft"].get("name"), adapter["checkpoint"], adapter["method"], adapter["method"])
+    return adapter
+
+
 def build_model(cfg: Mapping[str, Any], config: LiMEConfig) -> tuple[torch.nn.Module, Any]:
     """Validate `config` against the architecture on the meta device, then build the real model."""
     meta, _ = models.build(cfg["model"], device="meta")
@@ -218,6 +228,8 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
     record = RunRecord(run_dir, cfg, experiment)
     try:
         config = check_config(cfg)
+        if cfg["mode"] == "eval":  # the run is labelled by the adapter it evaluates, not by peft= (the command line)
+            record.update(**evaluated_adapter(cfg))
         if cfg["trainer"].get("threads"):  # tiny CPU runs: one intra-op thread (see configs/trainer/smoke.yaml)
             torch.set_num_threads(int(cfg["trainer"]["threads"]))
         transformers.set_seed(cfg["seed"])

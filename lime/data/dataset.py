@@ -125,12 +125,13 @@ class MMTDataset(torch.utils.data.Dataset):
         if source_type not in mmt47.SOURCE_TYPES:
             raise DataError(Skip(sample_id, "unknown_source_type",
                                  f"unknown source_type {source_type!r}, expected one of {mmt47.SOURCE_TYPES}"))
-        if answer is None or not str(answer).strip():
-            raise DataError(Skip(sample_id, "empty_answer", "empty answer"))
+        try:
+            answer = mmt47.answer_value(answer)  # a string, or a list of accepted strings (first = target)
+        except mmt47.AnswerError as err:
+            raise DataError(Skip(sample_id, err.kind, str(err))) from None
         if question is None:
             raise DataError(Skip(sample_id, "empty_question", "question is missing"))
-        # Stripped: the model is trained and scored on the answer, not on stray whitespace around it.
-        sample = Sample(sample_id, source_type, str(question), str(answer).strip())
+        sample = Sample(sample_id, source_type, str(question), answer)
         if source_type != "text":
             self._load_media(sample, row["media_path"])
         return sample

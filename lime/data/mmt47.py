@@ -19,6 +19,8 @@ import datasets
 import numpy as np
 from omegaconf import OmegaConf
 
+from lime.scoring import AcceptedAnswers
+
 logger = logging.getLogger(__name__)
 
 TRAIN_SPLIT = "train"
@@ -113,6 +115,41 @@ class Taxonomy:
             self.category_of(task)  # raises for an unknown task
             chosen.add(task)
         return chosen
+
+
+class AnswerError(ValueError):
+    """A row's answer is not a string or a list of strings; `kind` is "empty_answer" or "bad_answer"."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def answer_value(value: Any) -> str:
+    """A row's `answer` as the sample's answer: a string, or a list of accepted strings.
+
+    A string is stripped (the model is trained and scored on the answer, not on stray whitespace). A list of
+    strings becomes `AcceptedAnswers`: the training target is its FIRST element, and a prediction matching any
+    element is scored right; a one-element list is just that string. Anything else (None, empty strings, a
+    number, a dict, a list holding a non-string) is an AnswerError; the caller names the row.
+    """
+    if isinstance(value, str):
+        if not value.strip():
+            raise AnswerError("empty_answer", "empty answer")
+        return value.strip()
+    if isinstance(value, list | tuple):
+        if not value:
+            raise AnswerError("empty_answer", "empty list of answers")
+        bad = [a for a in value if not isinstance(a, str) or not a.strip()]
+        if bad:
+            raise AnswerError("bad_answer", f"answer list {value!r} holds {bad[0]!r}: every accepted answer must be "
+                                            "a non-empty string")
+        accepted = tuple(dict.fromkeys(a.strip() for a in value))
+        return accepted[0] if len(accepted) == 1 else AcceptedAnswers(accepted)
+    if value is None:
+        raise AnswerError("empty_answer", "empty answer")
+    raise AnswerError("bad_answer", f"answer must be a string or a list of strings, got {type(value).__name__} "
+                                    f"{value!r}")
 
 
 def split_info(split: str, taxonomy: Taxonomy | None = None) -> SplitInfo:
