@@ -95,7 +95,47 @@ LAYOUTS = {
 MOE_METHODS = tuple(LAYOUTS)
 
 
-class MoELinear(PEFTLinear):
+class RoutedLinear(PEFTLinear):
+    """What every routed baseline shares: a learned router over E experts, the text mask, routing statistics.
+
+    A subclass builds its tensors, calls `init_routing` last (so that the router's random init follows the
+    experts', as it always has), and in `forward` calls `route` for the gates and `keep_padding` at the end.
+    """
+
+    def init_routing(self, config: LiMEConfig, text_context: TextContext | None) -> None:
+        base, dtype = self.base, getattr(torch, config.param_dtype)
+        self.router = Router(base.in_features, base.out_features, config.num_experts, config.routing)
+        self.router.to(base.weight.device)
+        if self.router.proj is None:
+            raise ValueError(f"routing.router: the MoE-PEFT baseline {config.method!r} needs routing.router='learned'")
+        self.router.proj.to(dtype)
+        # A plain attribute, not a submodule: it is shared by every layer of the language model.
+        self.text_context = text_context
+        self.track_routing = False  # record routing statistics outside training too
+        self.routing_stats: RoutingStats | None = None
+
+    def route(self, sequences: Tensor, frozen: Tensor) -> tuple[Tensor, Tensor]:
+        """The routed weights w̃ (B, T, E) in the activation dtype, and the real-token mask of the new tokens."""
+        batch, num_new = sequences.shape[:2]
+        if self.text_context is None:  # vision tower: every patch is real
+            valid = torch.ones(batch, num_new, dtype=torch.bool, device=sequences.device)
+        else:
+            valid = self.text_context.valid(batch, num_new, sequences.device)
+        # A learned router reads x only; z is passed for the zero-parameter router's signature.
+        weights, routed, selected = self.router(sequences, frozen, frozen, valid)
+        new_valid = valid[:, -num_new:]
+        if self.training or self.track_routing:
+            self.routing_stats = routing_stats(weights, selected, new_valid)
+        return routed.to(sequences.dtype), new_valid
+
+    def keep_padding(self, h: Tensor, frozen: Tensor, new_valid: Tensor) -> Tensor:
+        """Padding positions keep the frozen output."""
+        if self.text_context is not None and self.text_context.mask is not None:
+            h = torch.where(new_valid.unsqueeze(-1), h, frozen)
+        return h
+
+
+class MoELinear(RoutedLinear):
     """A frozen Linear plus E routed LoRA experts (and MoELoRA's always-on shared LoRA).
 
     Tensors: `lora_A` (E x r x d_in; one A for hydralora/mixlora: 1 x r x d_in), `lora_B` (E x d_out x r;
@@ -137,15 +177,7 @@ class MoELinear(PEFTLinear):
             owner = torch.div(torch.arange(d_out, device=device) * experts, d_out, rounding_mode="floor")
             self.register_buffer("channel_expert", owner, persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-
-        self.router = Router(d_in, d_out, experts, config.routing).to(device)
-        if self.router.proj is None:
-            raise ValueError("routing.router: the MoE-PEFT baselines need routing.router='learned'")
-        self.router.proj.to(dtype)
-        # A plain attribute, not a submodule: it is shared by every layer of the language model.
-        self.text_context = text_context
-        self.track_routing = False  # record routing statistics outside training too
-        self.routing_stats: RoutingStats | None = None
+        self.init_routing(config, text_context)
 
     def rescale(self) -> Tensor:
         """MoEDoRA: μ_e = m_e / ‖W + s B_e A_e‖_row for every expert, (E, d_out); the norm is detached."""
@@ -163,24 +195,14 @@ class MoELinear(PEFTLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         sequences = _as_sequences(x)
-        batch, num_new = sequences.shape[:2]
-        if self.text_context is None:  # vision tower: every patch is real
-            valid = torch.ones(batch, num_new, dtype=torch.bool, device=x.device)
-        else:
-            valid = self.text_context.valid(batch, num_new, x.device)
         bias = self.base.bias
         if self.magnitude is None:
             frozen = self.base(sequences)
         else:  # W x once: DoRA rescales it per expert
             wx = F.linear(sequences, self.base.weight)
             frozen = wx if bias is None else wx + bias
-        # A learned router reads x only; z is passed for the zero-parameter router's signature.
-        weights, routed, selected = self.router(sequences, frozen, frozen, valid)
-        new_valid = valid[:, -num_new:]
-        if self.training or self.track_routing:
-            self.routing_stats = routing_stats(weights, selected, new_valid)
-
-        gates, dropped = routed.to(sequences.dtype), self.dropout(sequences)
+        gates, new_valid = self.route(sequences, frozen)
+        dropped = self.dropout(sequences)
         if not self.layout.b_per_expert:  # MixLoRA: expert e owns output block e of one LoRA
             one_lora = F.linear(F.linear(dropped, self.lora_A[0].to(x.dtype)), self.lora_B[0].to(x.dtype))
             h = frozen + gates[..., self.channel_expert] * (one_lora * self.scale)
@@ -194,12 +216,11 @@ class MoELinear(PEFTLinear):
         if self.adapter is not None:  # MoELoRA's always-on shared LoRA
             h = h + self.adapter.delta(sequences)
 
-        if self.text_context is not None and self.text_context.mask is not None:
-            h = torch.where(new_valid.unsqueeze(-1), h, frozen)  # padding keeps the frozen output
+        h = self.keep_padding(h, frozen, new_valid)
         return h.reshape(*x.shape[:-1], h.shape[-1])
 
 
 for _name, _layout in LAYOUTS.items():
     register_method(_name, MoELinear, _layout.params, variants=_layout.variants, router="learned", routing_group="moe")
 
-__all__ = ["LAYOUTS", "MOE_METHODS", "Layout", "MoELinear"]
+__all__ = ["LAYOUTS", "MOE_METHODS", "Layout", "MoELinear", "RoutedLinear"]
