@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+import tests.toy_methods  # noqa: F401  (registers the toy variant and MoE baseline: CONTRIBUTING.md's examples)
 from lime import models
 from lime.data.processors import example_inputs
 

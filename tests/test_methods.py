@@ -1,0 +1,158 @@
+"""The per-method suite, parametrised over every registered (method, variant) pair (lime.registry.cases()).
+
+Identity at init, the fast path against the method's reference path (outputs and every gradient, in float64),
+a training step that reduces the loss, the save/load round trip, and the trainable count against the
+per-layer formula the method registered. A method is run by this suite the moment it is registered; the toys
+of tests/toy_methods.py show it (test_toys_are_in_the_suite).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import lime
+from lime import presets, registry
+from lime.data.processors import example_inputs
+from lime.inject import lime_modules
+from tests import registered
+from tests.scripts import load_script
+from tests.tiny import left_padded_batch, perturb_trainable, tiny_causal_lm
+from tests.toy_methods import TOY_METHOD, TOY_VARIANT
+
+CASES = registry.cases()
+IDS = registered.case_ids()
+LINEAR_CASES = [(m, v) for m, v in CASES if registry.VARIANTS[v].build is not None]
+# The cases whose layer has a separate reference path (LiME's `reference_forward`, the toy baseline's).
+REFERENCE_CASES = [(m, v) for m, v in LINEAR_CASES if hasattr(registry.METHODS[m].layer, "reference_forward")]
+LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def config_of(method: str, variant: str, *overrides: str, model: str = "tiny_llava_ov") -> lime.LiMEConfig:
+    return presets.lime_config(presets.compose([f"model={model}", *registered.case_overrides(method, variant),
+                                                *overrides]))
+
+
+@pytest.fixture(scope="module")
+def image_batch(tiny_llava) -> dict:
+    batch = dict(example_inputs(tiny_llava[1], batch_size=2))
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def inputs_of(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def test_toys_are_in_the_suite() -> None:
+    """tests/toy_methods.py's two registration lines put both toys in every list the suite runs over."""
+    assert (TOY_METHOD, "lora") in CASES
+    assert ("lime", TOY_VARIANT) in CASES and ("plain", TOY_VARIANT) in CASES
+    assert ("lime", TOY_VARIANT) in REFERENCE_CASES and (TOY_METHOD, "lora") in REFERENCE_CASES
+    assert TOY_VARIANT in registered.low_rank_variants()
+
+
+def test_every_preset_is_a_registered_pair_and_back() -> None:
+    """configs/peft holds one preset per built-in (method, variant) pair, with the method's routing group."""
+    pairs = registered.preset_pairs()
+    assert len(pairs) == len(presets.peft_presets())  # no two presets for one pair
+    toys = {(m, v) for m, v in CASES if m == TOY_METHOD or v == TOY_VARIANT}
+    assert set(pairs) == set(CASES) - toys
+    for (method, _), name in pairs.items():
+        routing = registered.composed_preset(name).routing
+        assert routing == registered.composed_routing(registry.METHODS[method].routing_group), name
+
+
+@pytest.mark.parametrize(("method", "variant"), LINEAR_CASES, ids=[f"{m}/{v}" for m, v in LINEAR_CASES])
+def test_identity_at_init(method: str, variant: str, tiny_llava, image_batch) -> None:
+    base = tiny_llava[0]
+    with torch.no_grad():
+        reference = base(**inputs_of(image_batch)).logits
+        model = lime.apply_lime(copy.deepcopy(base), config_of(method, variant))
+        layers = [m for _, m in lime_modules(model)]
+        assert len(layers) == 16  # q, k, v, o and SigLIP's q, k, v, out_proj, 2 blocks each
+        layer = registry.METHODS[method].layer
+        assert all(type(m) is layer for m in layers) or not isinstance(layer, type)  # the registered layer
+        torch.testing.assert_close(model(**inputs_of(image_batch)).logits, reference, rtol=0, atol=1e-6)
+
+
+def with_reference_path(model: torch.nn.Module) -> torch.nn.Module:
+    """Every wrapped layer runs its reference path (an instance attribute shadows the class's forward)."""
+    for _, module in lime_modules(model):
+        module.forward = module.reference_forward
+    return model
+
+
+@pytest.mark.parametrize(("method", "variant"), REFERENCE_CASES, ids=[f"{m}/{v}" for m, v in REFERENCE_CASES])
+def test_fast_path_equals_reference(method: str, variant: str) -> None:
+    """A left-padded causal-LM training step (+ balance loss) and a no-grad forward: same numbers both ways."""
+    config = dataclasses.replace(config_of(method, variant), targets=LM_TARGETS)
+    ids, mask = left_padded_batch([9, 5, 7], total=9)
+    losses, grads, logits = [], [], []
+    for reference in (True, False):
+        model = lime.apply_lime(tiny_causal_lm(), config).double()
+        perturb_trainable(model)
+        if reference:
+            with_reference_path(model)
+        model.train()
+        torch.manual_seed(3)
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss = loss + lime.balance_loss(model, 0.1, 0.01, 1.0)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        with torch.no_grad():
+            logits.append(model.eval()(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-10, rtol=1e-10)
+    assert grads[1].keys() == grads[0].keys()
+    for name, grad in grads[0].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-10, rtol=1e-8, msg=name)
+    real = mask.bool()
+    torch.testing.assert_close(logits[1][real], logits[0][real], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize(("method", "variant"), CASES, ids=IDS)
+def test_trains_and_round_trips(method: str, variant: str, tiny_llava, image_batch, tmp_path: Path) -> None:
+    base = tiny_llava[0]
+    model = lime.apply_lime(copy.deepcopy(base), config_of(method, variant)).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    routed = registry.METHODS[method].routed
+    torch.manual_seed(6)
+    losses = []
+    for _ in range(5):
+        loss = model(**image_batch).loss
+        losses.append(loss.item())
+        if routed:  # the balance losses, over every routed layer of both towers
+            loss = loss + lime.balance_loss(model, importance_weight=0.1, kl_weight=0.01)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0], losses
+    if registry.METHODS[method].routing_group == "moe":  # top-2 of configs/routing/moe.yaml
+        assert lime.routing_summary(model)["routing/experts_per_token"] == 2.0
+
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs_of(image_batch)).logits
+        lime.save_adapter(model, tmp_path / "adapter")
+        loaded = lime.load_adapter(copy.deepcopy(base), tmp_path / "adapter").eval()
+        assert torch.equal(loaded(**inputs_of(image_batch)).logits, expected)
+
+
+@pytest.fixture(scope="module")
+def count_params():
+    return load_script("count_params")
+
+
+@pytest.mark.parametrize(("method", "variant"), LINEAR_CASES, ids=[f"{m}/{v}" for m, v in LINEAR_CASES])
+@pytest.mark.parametrize("model", ["tiny_llava_ov", "llava_ov_0.5b"])
+def test_count_params_is_the_registered_formula(method: str, variant: str, model: str, count_params) -> None:
+    """scripts/count_params.py's count (the model's own tensors, on the meta device) equals the formula."""
+    cfg = presets.compose([f"model={model}", *registered.case_overrides(method, variant)])
+    result = count_params.count(cfg)
+    assert result["trainable"] == result["formula"] > 0
