@@ -21,7 +21,6 @@ from lime.data.processors import example_inputs
 from lime.inject import lime_modules
 from tests import registered
 from tests.scripts import load_script
-from tests.tiny import left_padded_batch, perturb_trainable, tiny_causal_lm
 from tests.toy_methods import TOY_METHOD, TOY_VARIANT
 
 CASES = registry.cases()
@@ -80,40 +79,10 @@ def test_identity_at_init(method: str, variant: str, tiny_llava, image_batch) ->
         torch.testing.assert_close(model(**inputs_of(image_batch)).logits, reference, rtol=0, atol=1e-6)
 
 
-def with_reference_path(model: torch.nn.Module) -> torch.nn.Module:
-    """Every wrapped layer runs its reference path (an instance attribute shadows the class's forward)."""
-    for _, module in lime_modules(model):
-        module.forward = module.reference_forward
-    return model
-
-
 @pytest.mark.parametrize(("method", "variant"), REFERENCE_CASES, ids=[f"{m}/{v}" for m, v in REFERENCE_CASES])
 def test_fast_path_equals_reference(method: str, variant: str) -> None:
     """A left-padded causal-LM training step (+ balance loss) and a no-grad forward: same numbers both ways."""
-    config = dataclasses.replace(config_of(method, variant), targets=LM_TARGETS)
-    ids, mask = left_padded_batch([9, 5, 7], total=9)
-    losses, grads, logits = [], [], []
-    for reference in (True, False):
-        model = lime.apply_lime(tiny_causal_lm(), config).double()
-        perturb_trainable(model)
-        if reference:
-            with_reference_path(model)
-        model.train()
-        torch.manual_seed(3)
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        loss = loss + lime.balance_loss(model, 0.1, 0.01, 1.0)
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-        with torch.no_grad():
-            logits.append(model.eval()(input_ids=ids, attention_mask=mask).logits)
-    torch.testing.assert_close(losses[1], losses[0], atol=1e-10, rtol=1e-10)
-    assert grads[1].keys() == grads[0].keys()
-    for name, grad in grads[0].items():
-        assert grad is not None and grad.abs().sum() > 0, name
-        torch.testing.assert_close(grads[1][name], grad, atol=1e-10, rtol=1e-8, msg=name)
-    real = mask.bool()
-    torch.testing.assert_close(logits[1][real], logits[0][real], atol=1e-10, rtol=1e-10)
+    registered.assert_reference_agrees(dataclasses.replace(config_of(method, variant), targets=LM_TARGETS))
 
 
 @pytest.mark.parametrize(("method", "variant"), CASES, ids=IDS)
