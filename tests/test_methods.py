@@ -125,3 +125,18 @@ def test_count_params_is_the_registered_formula(method: str, variant: str, model
     cfg = presets.compose([f"model={model}", *registered.case_overrides(method, variant)])
     result = count_params.count(cfg)
     assert result["trainable"] == result["formula"] > 0
+
+
+def test_bench_builds_every_method_from_configs() -> None:
+    """scripts/bench.py's methods are the configs/peft presets as train.py composes them (routing group included),
+    with only the benchmark's targets, r and E set: the MoE baselines route with τ = 1 and no jitter."""
+    bench = load_script("bench")
+    args = bench.parse_args(["--quick", "--rank", "3", "--experts", "5"])
+    for name in presets.peft_presets():
+        cfg = presets.compose([f"peft={name}"])
+        want = dataclasses.replace(presets.lime_config(cfg), targets=tuple(args.targets.split(",")), rank=3,
+                                   num_experts=5)
+        assert bench.lime_config(args, bench.METHODS[name]) == want, name
+    moe = bench.lime_config(args, bench.METHODS["moe_lora"]).routing
+    assert (moe.router, moe.selection, moe.top_k, moe.temperature, moe.jitter) == ("learned", "topk", 2, 1.0, 0.0)
+    assert bench.lime_config(args, bench.METHODS["lime_lora_ngram2"]).routing.n_gram == 2
