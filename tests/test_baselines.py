@@ -25,7 +25,6 @@ from lime import models, presets, registry
 from lime.adapters import build_adapter
 from lime.config import PEFT_GROUP_EXTRAS
 from lime.context import TextContext
-from lime.data.processors import example_inputs
 from lime.inject import lime_modules
 from lime.layer import PEFTLinear
 from lime.moe import MoELinear
@@ -66,14 +65,6 @@ def peft_config(name: str, model: str = "tiny_llava_ov", *overrides: str) -> lim
     cfg = compose(name, model, overrides)
     return lime.LiMEConfig.from_groups(OmegaConf.to_container(cfg.peft, resolve=True),
                                        OmegaConf.to_container(cfg.routing, resolve=True))
-
-
-@pytest.fixture(scope="module")
-def image_batch(tiny_llava) -> dict:
-    """Two right-padded samples with one image each, labels on the real tokens."""
-    batch = dict(example_inputs(tiny_llava[1], batch_size=2))
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return batch
 
 
 def wrapped(base: nn.Module, config: lime.LiMEConfig) -> nn.Module:

@@ -17,7 +17,6 @@ import torch
 
 import lime
 from lime import presets, registry
-from lime.data.processors import example_inputs
 from lime.inject import lime_modules
 from tests import registered
 from tests.scripts import load_script
@@ -34,13 +33,6 @@ LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def config_of(method: str, variant: str, *overrides: str, model: str = "tiny_llava_ov") -> lime.LiMEConfig:
     return presets.lime_config(presets.compose([f"model={model}", *registered.case_overrides(method, variant),
                                                 *overrides]))
-
-
-@pytest.fixture(scope="module")
-def image_batch(tiny_llava) -> dict:
-    batch = dict(example_inputs(tiny_llava[1], batch_size=2))
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return batch
 
 
 def inputs_of(batch: dict) -> dict:
