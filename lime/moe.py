@@ -114,8 +114,11 @@ class RoutedLinear(PEFTLinear):
         self.track_routing = False  # record routing statistics outside training too
         self.routing_stats: RoutingStats | None = None
 
-    def route(self, sequences: Tensor, frozen: Tensor) -> tuple[Tensor, Tensor]:
-        """The routed weights w̃ (B, T, E) in the activation dtype, and the real-token mask of the new tokens."""
+    def route(self, x: Tensor, sequences: Tensor, frozen: Tensor) -> tuple[Tensor, Tensor]:
+        """The routed weights w̃ (B, T, E) in the activation dtype, and the real-token mask of the new tokens.
+
+        x: the layer's input as it came; sequences: x viewed as (B, T, d_in); frozen: the frozen output z.
+        """
         batch, num_new = sequences.shape[:2]
         if self.text_context is None:  # vision tower: every patch is real
             valid = torch.ones(batch, num_new, dtype=torch.bool, device=sequences.device)
@@ -201,7 +204,7 @@ class MoELinear(RoutedLinear):
         else:  # W x once: DoRA rescales it per expert
             wx = F.linear(sequences, self.base.weight)
             frozen = wx if bias is None else wx + bias
-        gates, new_valid = self.route(sequences, frozen)
+        gates, new_valid = self.route(x, sequences, frozen)
         dropped = self.dropout(sequences)
         if not self.layout.b_per_expert:  # MixLoRA: expert e owns output block e of one LoRA
             one_lora = F.linear(F.linear(dropped, self.lora_A[0].to(x.dtype)), self.lora_B[0].to(x.dtype))

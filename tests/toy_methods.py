@@ -66,14 +66,14 @@ class GainMoE(RoutedLinear):
     def forward(self, x: Tensor) -> Tensor:  # the fast path: one (E x d_out) matmul per token
         sequences = _as_sequences(x)
         z, delta = self.adapter(sequences, self.base)
-        gates, new_valid = self.route(sequences, z)
+        gates, new_valid = self.route(x, sequences, z)
         h = self.keep_padding(z + (gates @ self.gains.to(delta.dtype)) * delta, z, new_valid)
         return h.reshape(*x.shape[:-1], h.shape[-1])
 
     def reference_forward(self, x: Tensor) -> Tensor:  # the formula as written: a sum over experts
         sequences = _as_sequences(x)
         z, delta = self.adapter(sequences, self.base)
-        gates, new_valid = self.route(sequences, z)
+        gates, new_valid = self.route(x, sequences, z)
         mixed = sum(gates[..., e : e + 1] * self.gains[e].to(delta.dtype) for e in range(self.gains.shape[0]))
         h = self.keep_padding(z + mixed * delta, z, new_valid)
         return h.reshape(*x.shape[:-1], h.shape[-1])
