@@ -32,14 +32,14 @@ JOBS = {
 SMALL_JOBS = {**JOBS, "ablation_layers": 2 * 3}  # the tiny model's 2 blocks: the last one, or both
 
 
-def compose_config(overrides, hydra_config=False):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+def compose_config(overrides, hydra_config=False, configs=CONFIGS):
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
-def sweep_jobs(experiment, extra=()):
+def sweep_jobs(experiment, extra=(), configs=CONFIGS):
     """The override lists of every job of `python train.py -m experiment=<name>` (Hydra's own expansion)."""
-    cfg = compose_config([f"experiment={experiment}"], hydra_config=True)
+    cfg = compose_config([f"experiment={experiment}"], hydra_config=True, configs=configs)
     params = cfg.hydra.sweeper.params or {}
     # BasicSweeper.sweep's order: the config's sweeper params, then the command line, which wins on a shared key.
     arguments = [*(f"{k}={v}" for k, v in params.items()), f"experiment={experiment}", *extra]

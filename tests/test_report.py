@@ -284,9 +284,9 @@ def test_a_list_valued_sweep_key_groups_and_labels_its_values(tmp_path):
 @pytest.fixture
 def low_dpi(monkeypatch):
     """Smaller PNGs: the tests check that files are written, not their resolution."""
-    from lime.report import figures
+    from lime.report import plotting
 
-    monkeypatch.setattr(figures, "PNG_DPI", 60)
+    monkeypatch.setattr(plotting, "PNG_DPI", 60)
 
 
 def test_figures_for_each_panel(sweeps, tmp_path, low_dpi):
@@ -308,7 +308,7 @@ def test_figures_for_each_panel(sweeps, tmp_path, low_dpi):
 
 
 def test_layer_matrix_groups_modules_by_block():
-    from lime.report.figures import layer_matrix
+    from lime.report.ablations import layer_matrix
 
     usage = {name: [1.0, 0.0] if ".1." in name else [0.0, 1.0] for name in LAYERS}
     usage["model.vision_tower.encoder.layers.0.self_attn.out_proj"] = [0.5, 0.5]
@@ -416,7 +416,7 @@ def test_figures_series_baseline_and_categorical_panels(more_panels, tmp_path, l
 
 
 def test_panel_points(more_panels):
-    from lime.report.figures import PANELS, collect, x_order
+    from lime.report.ablations import PANELS, collect, x_order
 
     runs = load_runs([more_panels / "topk"])
     points = collect(runs, PANELS["ablation_topk"])
@@ -478,7 +478,7 @@ def test_params_column_is_the_papers_style_and_exact_when_every_row_is_tiny(tmp_
 
 
 def test_efficiency_ratios_compare_across_models_and_minutes_only_on_the_papers_model(tmp_path):
-    from lime.report import figures
+    from lime.report import efficiency
 
     seconds = {"lime_dora": (40.0, 44.0), "moe_dora": (60.0, 62.0), "lora": (30.0, 30.0)}  # seeds 0 and 1
     for method, times in seconds.items():
@@ -486,16 +486,16 @@ def test_efficiency_ratios_compare_across_models_and_minutes_only_on_the_papers_
             make_run(tmp_path / f"{method}-{seed}", method=method, seed=seed, experiment="efficiency", scores=None,
                      info={"train_time_s": time_s})
     runs = load_runs([tmp_path])
-    reference, ours, paper = figures.relative_efficiency(figures.efficiency_stats(runs))
+    reference, ours, paper = efficiency.relative_efficiency(efficiency.efficiency_stats(runs))
     assert reference == "moe_dora"
     assert ours["lime_dora"]["train_time"] == pytest.approx(42.0 / 61.0)
     assert paper["lime_dora"]["train_time"] == pytest.approx(35.5 / 50.2)  # the paper's "29 % less time"
-    assert ours["moe_dora"] == dict.fromkeys(figures.RELATIVE_FIELDS, 1.0)
+    assert ours["moe_dora"] == dict.fromkeys(efficiency.RELATIVE_FIELDS, 1.0)
     assert ours["lora"]["train_time"] is not None and paper["lora"]["train_time"] is None  # not in Fig. 2
-    assert figures._same_model_as_paper(runs, None)  # make_run's runs are on llava_ov_0.5b, as Fig. 2
+    assert efficiency.same_model_as_paper(runs, None)  # make_run's runs are on llava_ov_0.5b, as Fig. 2
     for run in runs:
         run.info["model"] = "tiny_llava_ov"
-    assert not figures._same_model_as_paper(runs, None)
+    assert not efficiency.same_model_as_paper(runs, None)
 
 
 def test_reports_name_runs_relative_to_the_working_directory(tmp_path, monkeypatch):
