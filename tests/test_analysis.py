@@ -91,3 +91,71 @@ def test_folds_are_stratified_and_cover_every_sample_once():
     assert sorted(np.concatenate(folds).tolist()) == list(range(30))
     for fold in folds:
         assert np.bincount(labels[fold], minlength=3).tolist() == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------------------
+# scripts/analyze.py end to end on two tiny runs
+# --------------------------------------------------------------------------------------------------------
+
+def read_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _tiny_run(run_dir, *overrides):
+    """A 2-step run of train.py's `run` with its composed config where Hydra would write it."""
+    from omegaconf import OmegaConf
+
+    from lime.run import run
+    from tests.test_train import SMALL, compose_config
+
+    cfg = compose_config(*SMALL, "trainer.max_steps=2", "trainer.evaluate=false", *overrides)
+    run(cfg, run_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    return run_dir
+
+
+@pytest.mark.slow
+def test_analyze_script_writes_every_artifact(tmp_path):
+    import json
+
+    from tests.scripts import load_script
+
+    lime_run = _tiny_run(tmp_path / "lime", "routing.n_gram=2")
+    lora_run = _tiny_run(tmp_path / "lora", "peft=lora")
+    analyze = load_script("analyze")
+    argv = [str(lime_run), str(lora_run), "--out", str(tmp_path / "out"), "--folds", "2",
+            "--tsne-iterations", "300", "--perplexity", "5", "--modules", r"layers\.1\."]
+    paths = analyze.main(argv)
+    out = tmp_path / "out"
+    for run in ("lime", "lora"):
+        for name in ("probe_by_position", "pca", "tsne"):
+            assert (out / run / f"{name}.png").is_file() and (out / run / f"{name}.pdf").is_file()
+            assert (out / run / f"{name}.csv").is_file()
+    assert (out / "cka.png").is_file() and out / "cka.csv" in paths
+    routing = read_csv(out / "lime" / "tsne_routing.csv")
+    assert len(routing) == 32 * 4  # every (sample, LiME layer) pair: q, k, v, o of block 1
+    assert {r["dominant_expert"] for r in routing} <= {"0", "1", "2", "3"}
+    assert not (out / "lora" / "tsne_routing.csv").exists()  # no routing without experts
+
+    probe = read_csv(out / "lime" / "probe_by_position.csv")
+    modules = sorted({r["module"] for r in probe})
+    assert modules and all(r"layers.1." in m for m in modules)
+    # LiME: routing and representation probes at positions 1..2 of the bigram window, 16 tasks x 2 samples
+    assert {(r["feature"], r["position"]) for r in probe} == {(f, p) for f in ("routing", "representation")
+                                                             for p in ("1", "2")}
+    assert all(r["samples"] == "32" and r["tasks"] == "16" and 0 <= float(r["accuracy"]) <= 1 for r in probe)
+    lora_probe = read_csv(out / "lora" / "probe_by_position.csv")
+    assert {r["feature"] for r in lora_probe} == {"representation"}  # plain LoRA has no routing weights
+
+    pca_rows = read_csv(out / "lime" / "pca.csv")
+    assert len({r["sample"] for r in pca_rows}) == 32
+    ratios = json.loads((out / "lime" / "pca.json").read_text())
+    assert all(0 < sum(v["explained_variance_ratio"]) <= 1 for v in ratios.values())
+
+    cka = read_csv(out / "cka.csv")
+    assert {r["module"] for r in cka} == set(modules) and all(r["samples"] == "32" for r in cka)
+    assert all(0 < float(r["cka"]) <= 1 for r in cka)

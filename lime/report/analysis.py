@@ -5,8 +5,8 @@ Pure functions of arrays (rows = samples), no model and no plotting:
     probe:       multinomial logistic regression  p(y | x) = softmax(W x̄ + b),  x̄ = (x − μ) / σ,
                  fitted by L-BFGS on  mean_i −log p(y_i | x_i) + λ ‖W‖²;  accuracy on held-out folds
     pca:         X_c = X − mean(X) = U S Vᵀ;  scores U S,  components Vᵀ,  explained variance S² / Σ S²
-    tsne:        exact t-SNE (van der Maaten & Hinton 2008): p_{j|i} ∝ exp(−‖x_i − x_j‖² / 2σ_i²) with σ_i set by
-                 the perplexity, P = (P_{j|i} + P_{i|j}) / 2N,  q_ij ∝ (1 + ‖y_i − y_j‖²)⁻¹,  gradient descent on KL(P‖Q)
+    tsne:        exact t-SNE (van der Maaten & Hinton 2008): p_{j|i} ∝ exp(−‖x_i − x_j‖² / 2σ_i²), σ_i set by the
+                 perplexity, P = (P_{j|i} + P_{i|j}) / 2N,  q_ij ∝ (1 + ‖y_i − y_j‖²)⁻¹,  gradient descent on KL(P‖Q)
     linear_cka:  CKA(X, Y) = ‖Y_cᵀ X_c‖²_F / (‖X_cᵀ X_c‖_F ‖Y_cᵀ Y_c‖_F)  (Kornblith et al. 2019)
 """
 
@@ -144,8 +144,8 @@ class Probe:
         return self.logits(x).argmax(axis=1)
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int | None = None, l2: float = 1e-3,
-              max_iter: int = 200) -> Probe:
+def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int | None = None, l2: float = 1e-2,
+              max_iter: int = 100) -> Probe:
     """A multinomial logistic-regression probe (labels 0..C−1) on standardised features, fitted by L-BFGS."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.int64)
@@ -188,7 +188,7 @@ def fold_indices(labels: np.ndarray, folds: int, seed: int = 0) -> list[np.ndarr
     return [np.flatnonzero(assignment == k) for k in range(folds)]
 
 
-def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, l2: float = 1e-3) -> float:
+def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, l2: float = 1e-2) -> float:
     """Held-out accuracy of the probe, averaged over stratified folds (every sample is tested once)."""
     y = np.asarray(y)
     folds = min(folds, len(y))
