@@ -209,10 +209,10 @@ def test_ensure_generates_once_per_setting(mini_cfg):
 
 # --- media ---------------------------------------------------------------------------------------
 
-def test_uniform_frame_sampling():
-    assert sample_indices(16, 8) == [0, 2, 4, 6, 9, 11, 13, 15]
-    assert sample_indices(8, 8) == list(range(8))
-    assert sample_indices(5, 8) == list(range(5))
+def test_uniform_frame_sampling():  # the rounding option (data.frame_sampling=round); floor: test_frame_sampling.py
+    assert sample_indices(16, 8, "round") == [0, 2, 4, 6, 9, 11, 13, 15]
+    assert sample_indices(8, 8, "round") == list(range(8))
+    assert sample_indices(5, 8, "round") == list(range(5))
 
 
 def grey_clip(n: int) -> list[np.ndarray]:
@@ -223,7 +223,7 @@ def grey_clip(n: int) -> list[np.ndarray]:
 @pytest.mark.parametrize(("length", "expected"), [(16, [0, 2, 4, 6, 9, 11, 13, 15]), (5, [0, 1, 2, 3, 4, 4, 4, 4])])
 def test_video_frames_are_sampled_uniformly_and_short_clips_padded(tmp_path, length, expected):
     write_video(tmp_path / "clip.mp4", grey_clip(length))
-    frames = load_video(tmp_path / "clip.mp4", num_frames=8)
+    frames = load_video(tmp_path / "clip.mp4", num_frames=8, sampling="round")
     assert frames.shape == (8, 32, 32, 3) and frames.dtype == np.uint8
     np.testing.assert_allclose(frames.reshape(8, -1).mean(axis=1), 10 * np.array(expected), atol=3)
 
