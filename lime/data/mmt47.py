@@ -9,6 +9,7 @@ the same format and is read by the same `load`.
 from __future__ import annotations
 
 import logging
+import re
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -179,6 +180,9 @@ def paths(cfg: Mapping) -> tuple[str, Path | None]:
     return str(cfg["path"]), None if media_root is None else Path(str(media_root)).expanduser()
 
 
+UNKNOWN_SPLITS = ("raise", "skip")
+
+
 def load(cfg: Mapping) -> datasets.DatasetDict:
     """The validated, subset `DatasetDict` of a data config (data=mmt47 or data=mmt_mini)."""
     taxonomy = Taxonomy.from_config(cfg["taxonomy"])
@@ -186,7 +190,7 @@ def load(cfg: Mapping) -> datasets.DatasetDict:
     on_error = cfg.get("on_error", "raise")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
-    dataset = read(path)
+    dataset = drop_unknown_splits(read(path), taxonomy, cfg.get("unknown_splits", "raise"))
     validate(dataset, taxonomy, on_error)
     dataset = select(dataset, taxonomy, _list(cfg.get("categories")), _list(cfg.get("tasks")),
                      cfg.get("max_train_samples"), cfg.get("max_eval_samples"), cfg.get("seed", 0))
@@ -195,11 +199,53 @@ def load(cfg: Mapping) -> datasets.DatasetDict:
     return dataset
 
 
+def unknown_splits(names: Iterable[str], taxonomy: Taxonomy) -> list[str]:
+    """Splits that are neither `train` nor `{modality}_test_{task}` for a task of the taxonomy (e.g. `validation`).
+
+    A known task under the wrong modality is not "unknown": `validate` reports it as a schema error.
+    """
+    known = set(taxonomy.tasks)
+    unknown = []
+    for split in names:
+        modality, sep, task = split.partition("_test_")
+        if split != TRAIN_SPLIT and not (sep and modality in MODALITIES and task in known):
+            unknown.append(split)
+    return unknown
+
+
+def drop_unknown_splits(dataset: datasets.DatasetDict, taxonomy: Taxonomy, policy: str) -> datasets.DatasetDict:
+    """data.unknown_splits: "raise" (an error naming them) or "skip" (dropped, with a warning naming them)."""
+    if policy not in UNKNOWN_SPLITS:
+        raise ValueError(f"data.unknown_splits must be one of {UNKNOWN_SPLITS}, got {policy!r}")
+    unknown = sorted(unknown_splits(dataset, taxonomy))
+    if not unknown:
+        return dataset
+    message = (f"split(s) {unknown} are neither 'train' nor {{text|image|video|glue}}_test_{{task}} for a task of "
+               "the taxonomy")
+    if policy == "raise":
+        raise SchemaError(f"{message}; set data.unknown_splits=skip to leave them out")
+    logger.warning("%s: skipped (data.unknown_splits=skip)", message)
+    return datasets.DatasetDict({split: rows for split, rows in dataset.items() if split not in unknown})
+
+
 def read(path: str) -> datasets.DatasetDict:
-    """A `save_to_disk` directory if `path` is one, else the hub dataset `path`."""
+    """Every split of a dataset in any of the forms a user can have:
+
+    * a `DatasetDict.save_to_disk` directory (`dataset_dict.json` inside), as the released code reads it;
+    * a local copy of the hub dataset (`hf download Kowsher/MMT-47 --repo-type dataset --local-dir DIR`):
+      parquet files named `data/<split>-00000-of-00001.parquet`, `<split>.parquet` or `<split>/0000.parquet`;
+    * a hub dataset id (`Kowsher/MMT-47`), loaded with `datasets.load_dataset`.
+    """
     local = Path(path).expanduser()
-    if local.exists():
+    shards = parquet_splits(local) if local.is_dir() else {}
+    if local.is_dir() and (local / "dataset_dict.json").is_file():
         dataset = datasets.load_from_disk(str(local))
+    elif shards:
+        files = {split: [str(file) for file in files] for split, files in shards.items()}
+        dataset = datasets.load_dataset("parquet", data_files=files)
+    elif local.exists():
+        raise SchemaError(f"data.path {path!r} is neither a save_to_disk directory (no dataset_dict.json) nor a "
+                          "folder of parquet files (a local copy of the hub dataset)")
     else:
         try:
             dataset = datasets.load_dataset(path)
@@ -209,6 +255,30 @@ def read(path: str) -> datasets.DatasetDict:
     if not isinstance(dataset, datasets.DatasetDict):
         raise SchemaError(f"data.path {path!r} holds a single split, not a DatasetDict of splits")
     return dataset
+
+
+_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")
+
+
+def parquet_splits(root: Path) -> dict[str, list[Path]]:
+    """split -> its parquet shards under `root` (hidden folders, e.g. `.cache/huggingface`, left out).
+
+    The split is the file name before `-NNNNN-of-NNNNN` (the hub's layout), else the parent folder of a numbered
+    file (`<split>/0000.parquet`, the hub's parquet conversion), else the file name itself.
+    """
+    found: dict[str, list[Path]] = {}
+    for file in sorted(root.rglob("*.parquet")):
+        if any(part.startswith(".") for part in file.relative_to(root).parts):
+            continue
+        shard = _SHARD.match(file.stem)
+        if shard:
+            split = shard.group("split")
+        elif file.stem.isdigit() and file.parent != root:
+            split = file.parent.name
+        else:
+            split = file.stem
+        found.setdefault(split, []).append(file)
+    return found
 
 
 def check_media_root(dataset: datasets.DatasetDict, media_root: Path | None, on_error: str) -> None:
