@@ -147,12 +147,11 @@ def test_samples_per_split_are_random_with_a_seed(mini_cfg):
     assert any(indices != [0, 1, 2] for indices in first.values())  # not "the first N"
 
 
-def test_train_split_without_task_column_is_kept_whole_with_a_warning(caplog):
+def test_train_split_without_task_column_or_rules_cannot_be_subset():  # more: test_mmt47_layout.py
     data = datasets.DatasetDict({"train": text_rows(4), "glue_test_sst2": text_rows(), "glue_test_cola": text_rows()})
-    with caplog.at_level(logging.WARNING):
-        out = mmt47.select(data, mmt47.Taxonomy.named("mmt47"), tasks=["sst2"])
-    assert sorted(out) == ["glue_test_sst2", "train"] and len(out["train"]) == 4
-    assert "no 'task' column" in caplog.text
+    with pytest.raises(mmt47.SchemaError, match="no 'task' column"):
+        mmt47.select(data, mmt47.Taxonomy.named("mmt47"), tasks=["sst2"])
+    assert len(mmt47.select(data, mmt47.Taxonomy.named("mmt47"))["train"]) == 4  # no subset: nothing to honour
 
 
 # --- generator -----------------------------------------------------------------------------------

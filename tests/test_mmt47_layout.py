@@ -34,10 +34,10 @@ def _row(media_root, prefix, task, source_type, template, answers, i):
     media_path = ""
     if source_type == "image":
         media_path = f"images/{task}_{i}.png"
-        Image.new("RGB", (16, 16), (10 * i, 0, 0)).save(media_root / media_path)
+        Image.new("RGB", (32, 32), (10 * i, 0, 0)).save(media_root / media_path)
     elif source_type == "video":
         media_path = f"videos/{task}_{i}.mp4"
-        write_video(media_root / media_path, [np.full((16, 16, 3), 20 * k, np.uint8) for k in range(10)])
+        write_video(media_root / media_path, [np.full((32, 32, 3), 20 * k, np.uint8) for k in range(10)])
     return {"source_type": source_type, "media_path": media_path, "question": template.format(i=i),
             "answer": answers[i % 2]}
 
@@ -141,3 +141,84 @@ def test_parquet_split_names(tmp_path):
                      "video_test_action_count": ["data/video_test_action_count-00000-of-00001.parquet"],
                      "glue_test_sst2": ["default/glue_test_sst2/0000.parquet"],
                      "text_test_boolq": ["text_test_boolq.parquet"]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ablation subsets without a `task` column: tasks assigned from the taxonomy's train_tasks rules
+# --------------------------------------------------------------------------------------------------------
+
+RULES = {
+    "sst2": [{"question": "^Classify the sentiment"}],
+    "cola": [{"question": "grammatical\\?"}],
+    "okvqa": [{"source_type": "^image$", "media_path": "^images/okvqa_"}],
+    "boolq": [{"question": "^Passage .*Question: "}],
+    "action_count": [{"media_path": "^videos/action_count_"}],
+}
+
+
+def with_rules(rules=RULES):
+    return {**TAXONOMY, "train_tasks": rules}
+
+
+def test_a_subset_trains_on_its_tasks_only(container, capsys):
+    path, media_root, _ = container()
+    loaded = mmt47.load(data_cfg(path, media_root, taxonomy=with_rules(), tasks=["sst2", "okvqa"]))
+    assert sorted(loaded) == ["glue_test_sst2", "image_test_okvqa", "train"]
+    assert loaded["train"]["task"] == ["sst2"] * 3 + ["okvqa"] * 3
+    assert loaded["train"]["row_index"] == [0, 1, 2, 6, 7, 8]  # positions in the stored train split
+    assert "rows per task: {'action_count': 3, 'boolq': 3, 'cola': 3, 'okvqa': 3, 'sst2': 3}" in capsys.readouterr().out
+
+
+def test_rules_must_give_every_row_exactly_one_task(tmp_path):
+    released_layout(tmp_path).save_to_disk(str(tmp_path / "d"))
+    missing = {task: rules for task, rules in RULES.items() if task != "boolq"}
+    with pytest.raises(mmt47.SchemaError, match=r"3 row\(s\) match no task \(e.g. row 9 .*Passage 0"):
+        mmt47.load(data_cfg(str(tmp_path / "d"), tmp_path / "media", taxonomy=with_rules(missing)))
+    overlapping = {**RULES, "cola": [{"question": "Sentence|sentiment"}]}
+    with pytest.raises(mmt47.SchemaError, match=r"3 row\(s\) match several tasks \(e.g. row 0 \['sst2', 'cola'\]"):
+        mmt47.load(data_cfg(str(tmp_path / "d"), tmp_path / "media", taxonomy=with_rules(overlapping)))
+    for bad, message in (({"mnli": [{"question": "x"}]}, "'mnli' is not a task"),
+                         ({"sst2": [{"label": "x"}]}, "'label' is not one of the columns"),
+                         ({"sst2": [{"question": "("}]}, "bad regex"), ({"sst2": [{}]}, "empty rule")):
+        with pytest.raises(mmt47.SchemaError, match=message):
+            mmt47.load(data_cfg(str(tmp_path / "d"), tmp_path / "media", taxonomy=with_rules(bad)))
+
+
+def test_a_subset_that_cannot_be_honoured_is_refused(tmp_path):
+    released_layout(tmp_path).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(mmt47.SchemaError, match="no 'task' column and the taxonomy has no train_tasks"):
+        mmt47.load(data_cfg(str(tmp_path / "d"), tmp_path / "media", tasks=["sst2"]))
+    assert len(mmt47.load(data_cfg(str(tmp_path / "d"), tmp_path / "media"))["train"]) == 15  # all tasks: fine
+    no_train_rows = {**TAXONOMY, "categories": {**TAXONOMY["categories"],
+                                                "Commonsense": {"modality": "text", "tasks": ["boolq", "piqa"]}}}
+    with pytest.raises(mmt47.SchemaError, match=r"task\(s\) \['piqa'\] have no training rows"):
+        mmt47.load(data_cfg(str(tmp_path / "d"), tmp_path / "media", taxonomy={**no_train_rows, "train_tasks": RULES},
+                            tasks=["sst2", "piqa"]))
+
+
+def test_mmt_mini_rules_recover_the_generators_tasks(tmp_path):
+    from lime.data import mmt_mini
+
+    root = mmt_mini.generate(tmp_path / "mini", seed=0, train_per_task=3, test_per_task=1)
+    train = datasets.load_from_disk(str(root / mmt_mini.DATASET_DIR))["train"]
+    rules = mmt47.TaskRules.from_config(OmegaConf.load(mmt47.TAXONOMY_DIR / "mmt_mini.yaml"))
+    assert mmt47.assign_tasks(train.remove_columns("task"), rules) == train["task"]
+
+
+def test_released_layout_drives_an_ablation_subset_run(tmp_path):
+    import json
+
+    from lime.run import run
+    from tests.test_train import compose_config
+
+    released_layout(tmp_path).save_to_disk(str(tmp_path / "d"))
+    cfg = compose_config("data=mmt47", f"data.path={tmp_path / 'd'}", f"data.media_root={tmp_path / 'media'}",
+                         "data.tasks=[sst2,okvqa,action_count]", "model.pretrain=null", "trainer.max_steps=2",
+                         "trainer.batch_size=3", "trainer.eval_batch_size=4", "trainer.max_new_tokens=2",
+                         "trainer.progress_bar=false")
+    OmegaConf.update(cfg, "data.taxonomy", with_rules(), merge=False)
+    results = run(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "train_tasks.json").read_text()) == {"action_count": 3, "okvqa": 3,
+                                                                                 "sst2": 3}
+    assert sorted(results["tasks"]) == ["action_count", "okvqa", "sst2"]
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["train_samples"] == 9

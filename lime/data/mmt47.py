@@ -8,6 +8,7 @@ the same format and is read by the same `load`.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import zlib
@@ -192,6 +193,7 @@ def load(cfg: Mapping) -> datasets.DatasetDict:
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
     dataset = drop_unknown_splits(read(path), taxonomy, cfg.get("unknown_splits", "raise"))
     validate(dataset, taxonomy, on_error)
+    dataset = with_train_tasks(dataset, cfg["taxonomy"])
     dataset = select(dataset, taxonomy, _list(cfg.get("categories")), _list(cfg.get("tasks")),
                      cfg.get("max_train_samples"), cfg.get("max_eval_samples"), cfg.get("seed", 0))
     check_media_root(dataset, media_root, on_error)
@@ -281,6 +283,110 @@ def parquet_splits(root: Path) -> dict[str, list[Path]]:
     return found
 
 
+class TaskRules:
+    """How to tell a training row's task when the train split has no `task` column (the released MMT-47's has
+    none): `train_tasks` of a taxonomy config, per task a list of rules, each a mapping column -> regex.
+
+        train_tasks:
+          sst2: [{question: "^Classify the sentiment"}]
+          okvqa: [{source_type: "^image$", media_path: "^images/okvqa/"}]
+
+    A row matches a rule when every regex of the rule is found in its column (`re.search`), and a task when it
+    matches any of the task's rules. Every training row must match exactly one task (`assign_tasks`).
+    """
+
+    def __init__(self, rules: Mapping[str, Iterable[Mapping[str, str]]], taxonomy: Taxonomy) -> None:
+        self.rules: dict[str, list[dict[str, re.Pattern]]] = {}
+        for task, task_rules in rules.items():
+            if task not in taxonomy.tasks:
+                raise SchemaError(f"taxonomy.train_tasks: {task!r} is not a task of the taxonomy")
+            self.rules[task] = [self._compile(task, rule) for rule in task_rules]
+
+    @staticmethod
+    def _compile(task: str, rule: Mapping[str, str]) -> dict[str, re.Pattern]:
+        if not rule:
+            raise SchemaError(f"taxonomy.train_tasks.{task}: an empty rule would match every row")
+        compiled = {}
+        for column, pattern in rule.items():
+            if column not in REQUIRED_COLUMNS:
+                raise SchemaError(f"taxonomy.train_tasks.{task}: {column!r} is not one of the columns "
+                                  f"{REQUIRED_COLUMNS}")
+            try:
+                compiled[column] = re.compile(str(pattern))
+            except re.error as err:
+                raise SchemaError(f"taxonomy.train_tasks.{task}.{column}: bad regex {pattern!r} ({err})") from err
+        return compiled
+
+    @classmethod
+    def from_config(cls, taxonomy_cfg: Mapping) -> TaskRules | None:
+        cfg = _plain(taxonomy_cfg)
+        rules = cfg.get("train_tasks")
+        return cls(rules, Taxonomy.from_config(cfg)) if rules else None
+
+    def matches(self, row: Mapping[str, Any]) -> list[str]:
+        return [task for task, rules in self.rules.items()
+                if any(all(p.search(str(row[c] or "")) for c, p in rule.items()) for rule in rules)]
+
+
+def assign_tasks(rows: datasets.Dataset, rules: TaskRules, split: str = TRAIN_SPLIT) -> list[str]:
+    """The task of every row; a SchemaError naming the rows (their `row_index`) that match no task or several."""
+    columns = sorted({column for task_rules in rules.rules.values() for rule in task_rules for column in rule})
+    values = {column: rows[column] for column in columns}
+    indices = rows["row_index"] if "row_index" in rows.column_names else range(len(rows))
+    tasks, unmatched, ambiguous = [], [], []
+    for i, index in enumerate(indices):
+        row = {column: values[column][i] for column in columns}
+        found = rules.matches(row)
+        if len(found) == 1:
+            tasks.append(found[0])
+            continue
+        (unmatched if not found else ambiguous).append((index, found, row))
+        tasks.append("")
+    if unmatched or ambiguous:
+        def examples(bad):
+            return "; ".join(f"row {index} {found or ''} {row}" for index, found, row in bad[:3])
+        problems = []
+        if unmatched:
+            problems.append(f"{len(unmatched)} row(s) match no task (e.g. {examples(unmatched)})")
+        if ambiguous:
+            problems.append(f"{len(ambiguous)} row(s) match several tasks (e.g. {examples(ambiguous)})")
+        raise SchemaError(f"split {split!r}: taxonomy.train_tasks must give every row exactly one task: "
+                          + "; ".join(problems))
+    return tasks
+
+
+def with_train_tasks(dataset: datasets.DatasetDict, taxonomy_cfg: Mapping) -> datasets.DatasetDict:
+    """Add a `task` column to a train split that has none, from the taxonomy's `train_tasks` rules (if any);
+    prints and logs the number of rows per task."""
+    rules = TaskRules.from_config(taxonomy_cfg)
+    train = dataset.get(TRAIN_SPLIT)
+    if rules is None or train is None or "task" in train.column_names:
+        return dataset
+    tasks = assign_tasks(train, rules)
+    counts = train_task_counts(tasks)
+    message = f"train split: tasks assigned from taxonomy.train_tasks, rows per task: {counts}"
+    print(message)
+    logger.info(message)
+    return datasets.DatasetDict({**dataset, TRAIN_SPLIT: train.add_column("task", tasks)})
+
+
+def train_task_counts(tasks: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for task in tasks:
+        counts[task] = counts.get(task, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_train_tasks(rows: datasets.Dataset, run_dir: Path) -> Path | None:
+    """<run_dir>/train_tasks.json: rows per task of the training split as used (after subsetting/sampling)."""
+    if "task" not in rows.column_names:
+        return None
+    path = Path(run_dir) / "train_tasks.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(train_task_counts(rows["task"]), indent=2) + "\n")
+    return path
+
+
 def check_media_root(dataset: datasets.DatasetDict, media_root: Path | None, on_error: str) -> None:
     """Fail early on a wrong media root: the first media file of each split must exist."""
     for split, rows in dataset.items():
@@ -308,11 +414,15 @@ def _with_row_index(rows: datasets.Dataset) -> datasets.Dataset:
 
 
 def _filter_train(rows: datasets.Dataset, chosen: set[str]) -> datasets.Dataset:
+    """The training rows of the chosen tasks; a subset that cannot be honoured is refused, never ignored."""
     if "task" not in rows.column_names:
-        logger.warning("split 'train' has no 'task' column, so it cannot be subset by category/task: "
-                       "training on all of it (only the test splits are subset)")
-        return rows
+        raise SchemaError("data.categories / data.tasks: the train split has no 'task' column and the taxonomy "
+                          "has no train_tasks rules to assign one, so it cannot be subset; add rules to "
+                          "data.taxonomy.train_tasks (see configs/data/taxonomy/mmt_mini.yaml) or train on all tasks")
     keep = np.flatnonzero(np.isin(np.asarray(rows["task"]), sorted(chosen)))
+    missing = sorted(set(chosen) - set(np.asarray(rows["task"])[keep].tolist()))
+    if missing:
+        raise SchemaError(f"data.categories / data.tasks: task(s) {missing} have no training rows")
     return rows.select(keep)
 
 
