@@ -16,7 +16,9 @@ weights) per sample (lime.report.representations). Written per run, as figures (
 and, with two or more runs, in --out:
     cka.csv|png                 linear CKA between the runs' representations at each layer they share
 
-The math is lime.report.analysis; the figures plot a few layers (--plot-modules, default first/middle/last).
+The math is lime.report.analysis. Probes, PCA and t-SNE by task cover a few layers (--plot-modules, default the
+first, middle and last recorded; a probe is k fits per position and feature); CKA and Fig. 11 cover every
+recorded layer (--modules).
 """
 
 from __future__ import annotations
@@ -110,13 +112,14 @@ def task_codes(tasks: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     return np.array([names.index(task) for task in tasks]), names
 
 
-def probes(reps: Representations, folds: int, seed: int) -> list[dict]:
-    """Held-out probe accuracy per layer, feature and n-gram position."""
+def probes(reps: Representations, modules: list[str], folds: int, seed: int) -> list[dict]:
+    """Held-out probe accuracy per layer of `modules`, feature and n-gram position."""
     labels, names = task_codes(reps.tasks)
     rows = []
     features = {"representation": reps.output_by_position, "routing": reps.routing_by_position}
     for feature, arrays in features.items():
-        for module, values in arrays.items():
+        for module in (m for m in modules if m in arrays):
+            values = arrays[module]
             for position in range(reps.n_gram):
                 accuracy = analysis.probe_accuracy(values[:, position], labels, folds, seed)
                 rows.append({"module": module, "feature": feature, "position": position + 1,
@@ -194,7 +197,7 @@ def routing_tsne(reps: Representations, args: argparse.Namespace, out: Path) -> 
 def analyze_run(reps: Representations, args: argparse.Namespace, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     modules = plotted_modules(list(reps.output), args.plot_modules)
-    rows = probes(reps, args.folds, args.seed)
+    rows = probes(reps, modules, args.folds, args.seed)
     write_csv(out / "probe_by_position.csv", list(rows[0]), rows)
     paths = [out / "probe_by_position.csv", *plot_probes(rows, modules, out)]
     paths += [out / "pca.csv", out / "pca.json", out / "tsne.csv", *embeddings(reps, modules, args, out)]
