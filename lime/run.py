@@ -30,6 +30,7 @@ from lime import evaluation, models, pretrain, training
 from lime.checkpoint import read_adapter_config
 from lime.config import ConfigError, LiMEConfig
 from lime.data import dataset as data
+from lime.data import mmt47
 from lime.data.collate import Collator
 from lime.data.dataset import SkipLog
 from lime.data.mmt47 import Taxonomy
@@ -244,6 +245,7 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
                       total_params=sum(p.numel() for p in model.parameters()))
         splits = data.build(cfg["data"])
         if cfg["mode"] == "train":
+            mmt47.write_train_tasks(splits["train"].rows, run_dir)  # rows per task, where the data tells them
             metrics = fit(model, processor, splits.pop("train"), cfg, run_dir)
             if int(os.environ.get("RANK", "0")) != 0:
                 return {}  # torchrun: rank 0 saves the adapter, evaluates and writes the run directory
