@@ -232,8 +232,8 @@ def check_media_root(dataset: datasets.DatasetDict, media_root: Path | None, on_
 
 
 def _with_row_index(rows: datasets.Dataset) -> datasets.Dataset:
-    if "row_index" in rows.column_names:
-        return rows
+    if "row_index" in rows.column_names:  # a column of the data file is not trusted to hold the positions
+        rows = rows.remove_columns("row_index")
     return rows.add_column("row_index", np.arange(len(rows)))
 
 
