@@ -177,16 +177,21 @@ class RunLock:
                       "started": datetime.datetime.now().isoformat(timespec="seconds")}
 
     def __enter__(self) -> RunLock:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return self  # torchrun: rank 0 holds the lock for all the processes of the run
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner, f)
-            return self
+        # Written whole, then linked into place: the lock never exists half-written (os.link fails if it exists).
+        mine = self.path.with_name(f".lock.{os.getpid()}")
+        mine.write_text(json.dumps(self.owner))
+        try:
+            while True:
+                try:
+                    os.link(mine, self.path)
+                    return self
+                except FileExistsError:
+                    self._take_over_if_stale()
+        finally:
+            mine.unlink()
 
     def _take_over_if_stale(self) -> None:
         try:
@@ -338,10 +343,13 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
     config.yaml, hydra.yaml and overrides.yaml, which Hydra itself would write before any lock could be taken).
     """
     cfg = plain(cfg)
+    rank_zero = int(os.environ.get("RANK", "0")) == 0
     with RunLock(run_dir), SignalsInterrupt() as signals:
-        remove_leftovers(run_dir)  # of an earlier, killed run in this directory
-        for name, content in (hydra_files or {}).items():
-            OmegaConf.save(content, run_dir / ".hydra" / name)
+        if rank_zero:
+            remove_leftovers(run_dir)  # of an earlier, killed run in this directory
+            for name, content in (hydra_files or {}).items():
+                (run_dir / ".hydra").mkdir(exist_ok=True)
+                OmegaConf.save(content, run_dir / ".hydra" / name)
         record = RunRecord(run_dir, cfg, experiment)
         try:
             return _run(cfg, run_dir, record, signals)
@@ -352,7 +360,8 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
             record.finish("failed", error)
             raise
         finally:
-            remove_leftovers(run_dir)
+            if rank_zero:
+                remove_leftovers(run_dir)
 
 
 def _run(cfg: Mapping[str, Any], run_dir: Path, record: RunRecord, signals: SignalsInterrupt) -> dict[str, Any]:

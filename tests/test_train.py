@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from lime.config import ConfigError
 from lime.run import peak_memory_bytes, reset_peak_memory, run
+from lime.settings import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # A few samples per task, a random (not pretrained) backbone, a handful of steps: the machinery, not the scores.
@@ -192,8 +193,9 @@ def test_non_finite_loss_stops_with_the_step_after_saving_the_last_good_state(tm
         return output * float("nan") if len(calls) == 3 else output
 
     model.lm_head.register_forward_hook(poison)
-    cfg = OmegaConf.to_container(compose_config(*SMALL).trainer, resolve=True)
-    args = training_arguments({**cfg, "max_steps": 5, "batch_size": 2, "save_steps": 100}, tmp_path, seed=0)
+    trainer_settings = settings(compose_config(*SMALL, "trainer.max_steps=5", "trainer.batch_size=2",
+                                               "trainer.save_steps=100")).trainer
+    args = training_arguments(trainer_settings, tmp_path, seed=0)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (10, 8))]
     trainer = LiMETrainer(model=model, args=args, train_dataset=data, peft_lr=1e-3, moe_lr=1e-3,
                           balance={"every": 1, "scale": 0.01, "importance": 0.1, "kl": 0.01})
