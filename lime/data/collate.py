@@ -120,7 +120,7 @@ def check_lengths(dataset: MMTDataset, processor: ProcessorMixin, max_length: in
     drawn. Returns the number of samples left out."""
     if max_length is None or not len(dataset):
         return 0
-    questions = [question or "" for question in dataset.rows["question"]]
+    questions = dataset.questions()
     lengths = [len(ids) for ids in processor.tokenizer(questions, add_special_tokens=False)["input_ids"]]
     excluded = 0
     for position, n in enumerate(lengths):

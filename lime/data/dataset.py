@@ -125,11 +125,26 @@ class MMTDataset(torch.utils.data.Dataset):
         """The id of position i: its row in the split as stored (mmt47.load numbers the rows)."""
         if "row_index" not in self.rows.column_names:
             return SampleId(self.split, i)
-        return SampleId(self.split, int(self.rows[i:i + 1]["row_index"][0]))
+        return SampleId(self.split, int(self.rows.select_columns(["row_index"])[i]["row_index"]))
 
     def exclude(self, position: int, skip: Skip) -> None:
         """Leave out the sample at `position` (a counted skip each time it is drawn)."""
         self.excluded[position] = skip
+
+    def questions(self) -> list[str]:
+        """Every question of the split as text ("" for a missing one); a row whose text is not UTF-8 is an
+        error naming it, or with on_error="skip" excluded (and its question read as "")."""
+        try:
+            return [question or "" for question in self.rows["question"]]
+        except UnicodeDecodeError:
+            return [self._question(i) for i in range(len(self))]
+
+    def _question(self, i: int) -> str:
+        item = self[i]
+        if isinstance(item, Skip):
+            self.exclude(i, item)
+            return ""
+        return item.question
 
     def __getitem__(self, i: int) -> Sample | Skip:
         if i in self.excluded:

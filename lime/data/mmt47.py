@@ -8,6 +8,7 @@ the same format and is read by the same `load`.
 
 from __future__ import annotations
 
+import json
 import logging
 import zlib
 from collections.abc import Iterable, Mapping
@@ -132,6 +133,8 @@ def validate(dataset: datasets.DatasetDict, taxonomy: Taxonomy, on_error: str = 
         missing = [column for column in REQUIRED_COLUMNS if column not in rows.column_names]
         if missing:
             raise SchemaError(f"split {split!r}: missing column(s) {missing}; has {rows.column_names}")
+        if not len(rows):
+            raise SchemaError(f"split {split!r} is empty (0 rows)")
         unknown = set(rows.unique("source_type")) - set(SOURCE_TYPES)
         if not unknown:
             continue
@@ -199,7 +202,13 @@ def read(path: str) -> datasets.DatasetDict:
     """A `save_to_disk` directory if `path` is one, else the hub dataset `path`."""
     local = Path(path).expanduser()
     if local.exists():
-        dataset = datasets.load_from_disk(str(local))
+        try:
+            dataset = datasets.load_from_disk(str(local))
+        except IndexError as err:  # `datasets` fails this way on a split saved with no rows
+            empty = [split.name for split in sorted(local.iterdir()) if (split / "state.json").is_file()
+                     and not json.loads((split / "state.json").read_text()).get("_data_files")]
+            raise SchemaError(f"data.path {path!r}: split {', '.join(map(repr, empty)) or '?'} is empty "
+                              "(saved with 0 rows)") from err
     else:
         try:
             dataset = datasets.load_dataset(path)
