@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -252,9 +251,9 @@ def test_a_huge_test_question_is_skipped_and_listed_in_the_results(tmp_path, min
 
 def test_a_live_owner_refuses_a_second_run_and_keeps_its_records(tmp_path, nothing_loads):
     (tmp_path / "run_info.json").write_text('{"status": "running", "seed": 0}')
-    with RunLock(tmp_path):  # this process is the live owner
-        with pytest.raises(RunDirectoryBusy, match=rf"in use by pid {os.getpid()} on "):
-            run(compose_config(*SMALL, "seed=1"), tmp_path)
+    # this process is the live owner
+    with RunLock(tmp_path), pytest.raises(RunDirectoryBusy, match=rf"in use by pid {os.getpid()} on "):
+        run(compose_config(*SMALL, "seed=1"), tmp_path)
     assert json.loads((tmp_path / "run_info.json").read_text()) == {"status": "running", "seed": 0}
     assert not (tmp_path / ".lock").exists()
 
