@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -293,6 +294,25 @@ def test_leftovers_of_a_killed_run_are_cleaned(tmp_path):
     assert not any(p.exists() for p in [tmp_path / "run_info.tmp", tmp_path / ".adapter.tmp-abc",
                                         tmp_path / "checkpoints" / ".staging"])
     assert json.loads((tmp_path / "run_info.json").read_text())["status"] == "completed"
+
+
+def test_a_full_disk_leaves_no_empty_run_info_tmp(tmp_path, monkeypatch):
+    from lime.run import RunRecord
+
+    record = RunRecord(tmp_path, OmegaConf.to_container(compose_config(*SMALL), resolve=True), None)
+    real_write = Path.write_text
+
+    def full(path, text, *args, **kwargs):
+        if path.name == "run_info.tmp":
+            real_write(path, "")  # the file is created, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left"):
+        record.update(status="completed")
+    assert not (tmp_path / "run_info.tmp").exists()
+    assert json.loads((tmp_path / "run_info.json").read_text())["status"] == "running"  # the last good record
 
 
 @pytest.mark.parametrize("phase, target", [("start-up", "lime.data.dataset.build"),
