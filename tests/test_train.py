@@ -255,7 +255,7 @@ def test_a_corrupt_training_image_is_named_or_skipped_and_counted(tmp_path, on_e
     from lime.data.dataset import DataError
 
     overrides = [*SMALL, f"data.cache_dir={tmp_path / 'data'}", f"data.on_error={on_error}", "trainer.evaluate=false",
-                 "trainer.max_steps=16"]  # 16 steps of 4: every one of the 64 training samples is drawn
+                 "trainer.max_steps=32"]  # 32 steps of 4: two epochs, every one of the 64 training samples drawn twice
     cfg = compose_config(*overrides)
     root = mmt_mini.ensure(OmegaConf.to_container(cfg.data, resolve=True))
     image = sorted((root / "media" / "images").rglob("train_*.png"))[3]
@@ -266,7 +266,7 @@ def test_a_corrupt_training_image_is_named_or_skipped_and_counted(tmp_path, on_e
         return
     run(cfg, tmp_path / "run")
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
-    assert info["status"] == "completed" and info["skipped_train_samples"] == 1
+    assert info["status"] == "completed" and info["skipped_train_samples"] == 1  # drawn twice, counted once
 
 
 def test_peak_memory_is_each_runs_own():
