@@ -39,14 +39,10 @@ from lime.data import dataset as data
 from lime.data.collate import Collator, check_lengths
 from lime.data.dataset import SkipLog
 from lime.data.mmt47 import Taxonomy
-from lime.settings import ModelSettings, Settings, WandbSettings, is_hub_id, settings
+from lime.settings import ModelSettings, Settings, WandbSettings, is_hub_id, plain, settings
 from lime.training import StopOnSignal
 
 logger = logging.getLogger(__name__)
-
-def plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
 
 def check_config(cfg: Mapping[str, Any]) -> Settings:
     """Every check that needs no model weights, with messages naming the key: the typed settings of each group
@@ -364,6 +360,24 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
                 remove_leftovers(run_dir)
 
 
+def train_and_save(model: torch.nn.Module, processor: Any, train_set: data.MMTDataset, checked: Settings,
+                   run_dir: Path, record: RunRecord) -> bool:
+    """Train, save the adapter and record the training; False on the processes other than rank 0."""
+    metrics = fit(model, processor, train_set, checked, run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return False
+    lime.save_adapter(model, run_dir / "adapter")
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        record.update(wandb_run=str(wandb.run.dir))
+        wandb.finish()
+    record.update(train_peak_memory_bytes=peak_memory_bytes(),  # building, loading and training
+                  train_time_s=metrics.get("train_runtime"), train_samples=metrics["train_samples"],
+                  train_samples_per_s=metrics.get("train_samples_per_second"),
+                  train_loss=metrics.get("train_loss"), skipped_train_samples=metrics["skipped_samples"])
+    return True
+
+
 def _run(cfg: Mapping[str, Any], run_dir: Path, record: RunRecord, signals: SignalsInterrupt) -> dict[str, Any]:
     checked = check_config(cfg)
     if checked.trainer.threads:  # tiny CPU runs: one intra-op thread (see configs/trainer/smoke.yaml)
@@ -383,26 +397,15 @@ def _run(cfg: Mapping[str, Any], run_dir: Path, record: RunRecord, signals: Sign
     record.update(**wandb_settings(checked.trainer.wandb, run_dir))
     record.update(trainable_params=lime.trainable_parameters(model),
                   total_params=sum(p.numel() for p in model.parameters()))
+    train_set = splits.pop("train", None)
     test_skips = SkipLog()
-    for split, dataset in splits.items():  # the length policy, before any training (a text-only lower bound)
-        check_lengths(dataset, processor, checked.data.max_length, checked.data.truncation,
-                      None if split == "train" else test_skips)
+    for dataset in splits.values():  # the length policy, before any training (a text-only lower bound)
+        check_lengths(dataset, processor, checked.data.max_length, checked.data.truncation, test_skips)
     if checked.mode == "train":
+        check_lengths(train_set, processor, checked.data.max_length, checked.data.truncation)
         signals.phase = "training"
-        metrics = fit(model, processor, splits.pop("train"), checked, run_dir)
-        if int(os.environ.get("RANK", "0")) != 0:
+        if not train_and_save(model, processor, train_set, checked, run_dir, record):
             return {}  # torchrun: rank 0 saves the adapter, evaluates and writes the run directory
-        signals.phase = "saving"
-        lime.save_adapter(model, run_dir / "adapter")
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            record.update(wandb_run=str(wandb.run.dir))
-            wandb.finish()
-        record.update(train_peak_memory_bytes=peak_memory_bytes(),  # building, loading and training
-                      train_time_s=metrics.get("train_runtime"), train_samples=metrics["train_samples"],
-                      train_samples_per_s=metrics.get("train_samples_per_second"),
-                      train_loss=metrics.get("train_loss"), skipped_train_samples=metrics["skipped_samples"])
-    splits.pop("train", None)
     if not checked.eval.evaluate:  # timing runs (experiment=efficiency)
         record.finish("completed")
         return {}
