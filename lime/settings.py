@@ -96,8 +96,8 @@ class DataSettings:
     media_root: str | None = None
     cache_dir: str | None = None
     generate: dict | None = None  # mmt_mini's generator arguments (checked by lime.data.mmt_mini)
-    categories: list[str] | None = None
-    tasks: list[str] | None = None
+    categories: list[str] | str | None = None  # a list, or one name / "a,b" from the command line
+    tasks: list[str] | str | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     seed: int = 0

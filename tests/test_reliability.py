@@ -99,6 +99,13 @@ def test_a_run_with_a_bad_value_fails_before_loading_anything(tmp_path, nothing_
     assert info["status"] == "failed" and info["error"].startswith("ConfigError: " + override.split("=")[0])
 
 
+def test_a_subset_may_be_named_on_the_command_line_as_one_string():
+    assert settings(compose_config("data.categories=GLUE")).data.categories == ["GLUE"]
+    assert settings(compose_config("data.tasks='sentiment,digit'")).data.tasks == ["sentiment", "digit"]
+    with pytest.raises(ConfigError, match="data.tasks: 'nope' is not a task"):
+        settings(compose_config("data.tasks='sentiment,nope'"))
+
+
 def test_the_pretraining_split_must_differ_from_the_benchmark():
     with pytest.raises(ConfigError, match="model.pretrain.data_seed: 1000 must differ from data.generate.seed"):
         settings(compose_config("data.generate.seed=1000"))
