@@ -371,14 +371,25 @@ def test_two_train_py_into_one_directory(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("debug", [False, True])
-def test_a_user_error_is_one_message_and_a_traceback_only_with_debug(tmp_path, debug):
-    env = {**os.environ, "LIME_DEBUG": "1" if debug else "0"}
+def test_a_user_error_is_one_message_without_a_traceback(tmp_path):
+    env = {**os.environ, "LIME_DEBUG": "0"}
     result = subprocess.run(train_command(tmp_path, "trainer.max_steps=abc"), cwd=ROOT, capture_output=True,
                             text=True, env=env)
     assert result.returncode == 1
-    assert "trainer.max_steps: 'abc' is not an integer" in result.stderr
-    assert ("Traceback" in result.stderr) == debug
+    assert "error: trainer.max_steps: 'abc' is not an integer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag, env, want", [("debug=true", "0", True), ("debug=false", "1", True),
+                                             ("debug=false", "0", False), ("debug=false", "", False)])
+def test_tracebacks_only_with_the_debug_flag(monkeypatch, flag, env, want):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    monkeypatch.setenv("LIME_DEBUG", env)
+    assert train.debugging(compose_config(flag)) is want
 
 
 # --- 5. checkpoints: only finite states are published --------------------------------------------------------
