@@ -44,9 +44,10 @@ from lime.checkpoint import config_from_meta, read_adapter_config  # noqa: E402
 from lime.data import dataset as data  # noqa: E402
 from lime.data.mmt47 import Taxonomy  # noqa: E402
 from lime.report import analysis  # noqa: E402
-from lime.report.figures import _save  # noqa: E402
+from lime.report.plotting import save_figure  # noqa: E402
 from lime.report.representations import Representations, record  # noqa: E402
 from lime.report.tables import write_csv  # noqa: E402
+from lime.settings import plain, settings  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,15 +74,17 @@ def load_run(run_dir: Path, device: str, max_samples: int | None):
     config_path = run_dir / ".hydra" / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: not a run directory of train.py (no .hydra/config.yaml)")
-    cfg = lime_run.plain(OmegaConf.load(config_path))
+    cfg = plain(OmegaConf.load(config_path))
     cfg["trainer"]["device"] = device
     if max_samples is not None:
         cfg["data"]["max_eval_samples"] = max_samples
     adapter = lime_run.adapter_dir(run_dir)
-    model, processor = lime_run.build_model(cfg, config_from_meta(read_adapter_config(adapter)))
+    checked = settings(cfg)
+    checked.lime = config_from_meta(read_adapter_config(adapter))
+    model, processor = lime_run.build_model(checked)
     lime.load_adapter(model, adapter)
     model.eval()
-    splits = data.build(cfg["data"])
+    splits = data.build(checked.data)
     splits.pop("train", None)
     taxonomy = Taxonomy.from_config(cfg["data"]["taxonomy"])
     return cfg, model, processor, splits, {split: taxonomy.split_info(split).task for split in splits}
@@ -140,7 +143,7 @@ def plot_probes(rows: list[dict], modules: list[str], out: Path) -> list[Path]:
         ax.set(title=f"probe on the {feature}", xlabel="position in the n-gram window", ylabel="task accuracy",
                ylim=(0, 1.05))
         ax.legend(fontsize=7)
-    return _save(fig, out, "probe_by_position")
+    return save_figure(fig, out, "probe_by_position")
 
 
 def scatter(coords: dict[str, np.ndarray], tasks: Sequence[str], title: str, out: Path, name: str) -> list[Path]:
@@ -153,7 +156,7 @@ def scatter(coords: dict[str, np.ndarray], tasks: Sequence[str], title: str, out
             ax.scatter(points[:, 0], points[:, 1], s=10, color=colours(code % colours.N), label=task)
         ax.set(title=f"{title}: {module}", xticks=[], yticks=[])
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1 + len(names) // 25)
-    return _save(fig, out, name)
+    return save_figure(fig, out, name)
 
 
 def embeddings(reps: Representations, modules: list[str], args: argparse.Namespace, out: Path) -> list[Path]:
@@ -230,7 +233,7 @@ def plot_cka(rows: list[dict], out: Path) -> list[Path]:
     ax.set_yticks(range(len(pairs)), pairs, fontsize=8)
     ax.set_title("linear CKA between runs")
     fig.colorbar(image, ax=ax)
-    return _save(fig, out, "cka")
+    return save_figure(fig, out, "cka")
 
 
 def run_names(runs: Sequence[Path]) -> list[str]:

@@ -10,9 +10,9 @@ import pytest
 
 import lime
 from lime.checkpoint import WEIGHTS_NAME, method_name
-from lime.config import LiMEConfig
 from lime.presets import compose, lime_config, peft_presets
-from lime.run import build_model, plain, run
+from lime.run import build_model, run
+from lime.settings import plain, settings
 from tests.test_train import SMALL, compose_config
 from tests.tiny import perturb_trainable
 
@@ -24,9 +24,9 @@ def test_method_name_of_every_peft_preset(name):
 
 def test_eval_run_takes_method_and_counts_from_the_adapter_not_the_command_line(tmp_path, caplog):
     cfg = plain(compose_config(*SMALL, "peft=lime_lora", "data.tasks=[arithmetic]"))
-    config = LiMEConfig.from_groups(cfg["peft"], cfg["routing"])
-    model, _ = build_model(cfg, config)
-    lime.apply_lime(model, config)
+    checked = settings(cfg)
+    model, _ = build_model(checked)
+    lime.apply_lime(model, checked.lime)
     perturb_trainable(model, scale=0.01)
     lime.save_adapter(model, tmp_path / "train" / "adapter")
 
@@ -40,6 +40,6 @@ def test_eval_run_takes_method_and_counts_from_the_adapter_not_the_command_line(
     assert info["trainable_params"] == lime.trainable_parameters(model) == 6032
     assert info["checkpoint"] == str(adapter)
     assert info["adapter_sha256"] == hashlib.sha256((adapter / WEIGHTS_NAME).read_bytes()).hexdigest()
-    assert info["adapter_config"]["method"] == "lime" and info["adapter_config"]["rank"] == config.rank
+    assert info["adapter_config"]["method"] == "lime" and info["adapter_config"]["rank"] == checked.lime.rank
     assert any("peft=moe_lora is ignored" in r.getMessage() and "lime_lora" in r.getMessage()
                for r in caplog.records)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 import lime
 from lime import models
 from lime.config import LiMEConfig
+from lime.settings import settings
 from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +78,7 @@ def test_every_job_of_every_sweep_composes_into_a_valid_config(experiment, scale
         configs.add(json.dumps(cfg, sort_keys=True, default=str))
         if scale == "small":
             assert cfg["model"]["name"] == "tiny_llava_ov" and cfg["data"]["name"] == "mmt_mini"
+            settings(cfg)  # every key known and in range (paper scale: its data is not on this machine)
     assert len(configs) == len(jobs)  # no two jobs of a sweep train the same thing
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from lime.config import ConfigError
 from lime.run import peak_memory_bytes, reset_peak_memory, run
+from lime.settings import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # A few samples per task, a random (not pretrained) backbone, a handful of steps: the machinery, not the scores.
@@ -192,8 +193,9 @@ def test_non_finite_loss_stops_with_the_step_after_saving_the_last_good_state(tm
         return output * float("nan") if len(calls) == 3 else output
 
     model.lm_head.register_forward_hook(poison)
-    cfg = OmegaConf.to_container(compose_config(*SMALL).trainer, resolve=True)
-    args = training_arguments({**cfg, "max_steps": 5, "batch_size": 2, "save_steps": 100}, tmp_path, seed=0)
+    trainer_settings = settings(compose_config(*SMALL, "trainer.max_steps=5", "trainer.batch_size=2",
+                                               "trainer.save_steps=100")).trainer
+    args = training_arguments(trainer_settings, tmp_path, seed=0)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (10, 8))]
     trainer = LiMETrainer(model=model, args=args, train_dataset=data, peft_lr=1e-3, moe_lr=1e-3,
                           balance={"every": 1, "scale": 0.01, "importance": 0.1, "kl": 0.01})
@@ -253,7 +255,7 @@ def test_a_corrupt_training_image_is_named_or_skipped_and_counted(tmp_path, on_e
     from lime.data.dataset import DataError
 
     overrides = [*SMALL, f"data.cache_dir={tmp_path / 'data'}", f"data.on_error={on_error}", "trainer.evaluate=false",
-                 "trainer.max_steps=16"]  # 16 steps of 4: every one of the 64 training samples is drawn
+                 "trainer.max_steps=32"]  # 32 steps of 4: two epochs, every one of the 64 training samples drawn twice
     cfg = compose_config(*overrides)
     root = mmt_mini.ensure(OmegaConf.to_container(cfg.data, resolve=True))
     image = sorted((root / "media" / "images").rglob("train_*.png"))[3]
@@ -264,7 +266,7 @@ def test_a_corrupt_training_image_is_named_or_skipped_and_counted(tmp_path, on_e
         return
     run(cfg, tmp_path / "run")
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
-    assert info["status"] == "completed" and info["skipped_train_samples"] == 1
+    assert info["status"] == "completed" and info["skipped_train_samples"] == 1  # drawn twice, counted once
 
 
 def test_peak_memory_is_each_runs_own():

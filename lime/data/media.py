@@ -82,6 +82,8 @@ def _decode_sampled(path: Path, num_frames: int, sampling: str) -> list[np.ndarr
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
+        if container.format.name.endswith("_pipe") or container.format.name == "image2":
+            raise ValueError(f"a still image ({container.format.name}), not a video")
         stream = container.streams.video[0]
         total = stream.frames or _count_frames(container, stream)
     wanted = sample_indices(total, num_frames, sampling)

@@ -171,6 +171,8 @@ def validate(dataset: datasets.DatasetDict, taxonomy: Taxonomy, on_error: str = 
         missing = [column for column in REQUIRED_COLUMNS if column not in rows.column_names]
         if missing:
             raise SchemaError(f"split {split!r}: missing column(s) {missing}; has {rows.column_names}")
+        if not len(rows):
+            raise SchemaError(f"split {split!r} is empty (0 rows)")
         unknown = set(rows.unique("source_type")) - set(SOURCE_TYPES)
         if not unknown:
             continue
@@ -278,7 +280,13 @@ def read(path: str) -> datasets.DatasetDict:
     local = Path(path).expanduser()
     shards = parquet_splits(local) if local.is_dir() else {}
     if local.is_dir() and (local / "dataset_dict.json").is_file():
-        dataset = datasets.load_from_disk(str(local))
+        try:
+            dataset = datasets.load_from_disk(str(local))
+        except IndexError as err:  # `datasets` fails this way on a split saved with no rows
+            empty = [split.name for split in sorted(local.iterdir()) if (split / "state.json").is_file()
+                     and not json.loads((split / "state.json").read_text()).get("_data_files")]
+            raise SchemaError(f"data.path {path!r}: split {', '.join(map(repr, empty)) or '?'} is empty "
+                              "(saved with 0 rows)") from err
     elif shards:
         files = {split: [str(file) for file in files] for split, files in shards.items()}
         dataset = datasets.load_dataset("parquet", data_files=files)
@@ -445,8 +453,8 @@ def check_media_root(dataset: datasets.DatasetDict, media_root: Path | None, on_
 
 
 def _with_row_index(rows: datasets.Dataset) -> datasets.Dataset:
-    if "row_index" in rows.column_names:
-        return rows
+    if "row_index" in rows.column_names:  # a column of the data file is not trusted to hold the positions
+        rows = rows.remove_columns("row_index")
     return rows.add_column("row_index", np.arange(len(rows)))
 
 
