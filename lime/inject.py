@@ -13,7 +13,7 @@ from torch import nn
 
 from lime.adapters import build_adapter
 from lime.config import ConfigError, LiMEConfig
-from lime.context import TextContext, track_text_mask
+from lime.context import TextContext, VisionContext, track_text_mask, track_vision_sequences
 from lime.layer import LiMELinear, PEFTLinear
 from lime.moe import MoELinear
 
@@ -122,6 +122,7 @@ def apply_lime(model: nn.Module, config: LiMEConfig) -> nn.Module:
 
         attach_prompt(model, text_model, config)
     else:
+        vision = VisionContext()
         context = TextContext()
         build = LAYER_BUILDERS[config.method]
         for name in names:
@@ -129,8 +130,8 @@ def apply_lime(model: nn.Module, config: LiMEConfig) -> nn.Module:
             parent = model.get_submodule(parent_name)
             in_text = text_prefix == "" or name.startswith(text_prefix + ".")
             base = getattr(parent, child)
-            setattr(parent, child, build(base, config, context if in_text else None).train(base.training))
-        model.lime_hooks = [track_text_mask(text_model, context)]
+            setattr(parent, child, build(base, config, context if in_text else vision).train(base.training))
+        model.lime_hooks = [*track_text_mask(text_model, context), *track_vision_sequences(model, vision)]
     model.lime_config = config
     return model
 

@@ -60,7 +60,7 @@ from lime.adapters import LoRA, LoRAFA
 from lime.balance import RoutingStats, routing_stats
 from lime.config import LiMEConfig
 from lime.context import TextContext
-from lime.layer import PEFTLinear, _as_sequences
+from lime.layer import PEFTLinear, _as_sequences, token_layout
 from lime.routing import Router
 
 MOE_METHODS = ("moe", "mola", "hydralora", "mixlora")
@@ -133,10 +133,7 @@ class MoELinear(PEFTLinear):
     def forward(self, x: Tensor) -> Tensor:
         sequences = _as_sequences(x)
         batch, num_new = sequences.shape[:2]
-        if self.text_context is None:  # vision tower: every patch is real
-            valid = torch.ones(batch, num_new, dtype=torch.bool, device=x.device)
-        else:
-            valid = self.text_context.valid(batch, num_new, x.device)
+        valid, state, bounds = token_layout(self.text_context, x, batch, num_new)
         bias = self.base.bias
         if self.magnitude is None:
             frozen = self.base(sequences)
@@ -144,7 +141,7 @@ class MoELinear(PEFTLinear):
             wx = F.linear(sequences, self.base.weight)
             frozen = wx if bias is None else wx + bias
         # A learned router reads x only; z is passed for the zero-parameter router's signature.
-        weights, routed, selected = self.router(sequences, frozen, frozen, valid)
+        weights, routed, selected = self.router(sequences, frozen, frozen, valid, memory=state, bounds=bounds)
         new_valid = valid[:, -num_new:]
         if self.training or self.track_routing:
             self.routing_stats = routing_stats(weights, selected, new_valid)
