@@ -261,3 +261,129 @@ def test_vlm_generation_with_cache_equals_full_forward(tiny_model, make_inputs):
     prompt = inputs["input_ids"].shape[1]
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits, full[:, prompt - 1 + step], atol=1e-5, rtol=0)
+
+
+def _update_in_place(model, how):
+    """Change every trainable tensor the way an optimizer, a checkpoint load or an EMA swap does."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if how.startswith("adamw"):
+        optimizer = torch.optim.AdamW(trainable, lr=0.1, fused=how == "adamw_fused", foreach=how == "adamw_foreach")
+        ids = torch.randint(1, 97, (2, 6))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    elif how == "load_state_dict":
+        model.load_state_dict({k: v + 0.1 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    else:
+        for p in trainable:
+            if how == "data_write":
+                p.data.mul_(1.5)
+            else:  # EMA swap: copy the averaged weights in through .data (no autograd, no version bump)
+                p.data.copy_(p.detach() * 0.5 + 0.2)
+
+
+@pytest.mark.parametrize("how", ["adamw_fused", "adamw_foreach", "adamw_single", "load_state_dict", "data_write",
+                                 "ema_swap"])
+def test_no_grad_forward_after_an_update_sees_the_new_parameters(how):
+    """Evaluation or generation after an update (mid-training) uses the updated adapter, however it was updated."""
+    model = lime.apply_lime(tiny_causal_lm(), LiMEConfig(variant="dora", routing=dict(n_gram=2)))
+    perturb_trainable(model)
+    ids, mask = left_padded_batch([8, 5], total=8)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    _update_in_place(model, how)
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                                   pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    want = model(input_ids=ids, attention_mask=mask).logits.detach()  # with autograd: factors built afresh
+    assert not torch.allclose(want, before, atol=1e-3)
+    torch.testing.assert_close(after, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(generated.logits[0], want[:, -1], atol=1e-5, rtol=0)
+
+
+def test_factors_are_built_once_per_decoding_run(monkeypatch):
+    """Cached decoding keeps each layer's factors with the KV cache: one build per layer per generate call."""
+    model = lime.apply_lime(tiny_causal_lm(), LiMEConfig(variant="dora"))
+    perturb_trainable(model)
+    builds = []
+    original = lime.fused.factors
+    monkeypatch.setattr(lime.fused, "factors", lambda *args: builds.append(1) or original(*args))
+    ids, mask = left_padded_batch([6, 4], total=6)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                       pad_token_id=0)
+    assert len(builds) == 8  # 2 blocks x 4 projections, not 8 per decoding step
+
+
+def test_deepcopy_after_a_training_forward():
+    """Routing statistics hold graph tensors after a training forward; the copy gets their values, detached."""
+    model = lime.apply_lime(tiny_causal_lm(), LiMEConfig(routing=dict(n_gram=2)))
+    perturb_trainable(model)
+    model.train()
+    ids = torch.randint(1, 97, (2, 6))
+    model(input_ids=ids, labels=ids)
+    clone = copy.deepcopy(model)
+    layer, copied = model.model.layers[0].self_attn.q_proj, clone.model.layers[0].self_attn.q_proj
+    assert layer.routing_stats.usage.grad_fn is not None and copied.routing_stats.usage.grad_fn is None
+    torch.testing.assert_close(copied.routing_stats.usage, layer.routing_stats.usage.detach())
+    clone.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_and_the_balance_loss(reentrant):
+    """Non-reentrant checkpointing gives the balance loss's gradients; reentrant would drop them: refused."""
+    ids, mask = left_padded_batch([8, 5], total=8)
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for checkpointing in (False, True):
+        model = lime.apply_lime(tiny_causal_lm(), LiMEConfig())
+        perturb_trainable(model)
+        model.config.use_cache = False
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        torch.manual_seed(0)  # the same jitter draws
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if checkpointing and reentrant:
+            with pytest.raises(RuntimeError, match="use_reentrant"):
+                lime.balance_loss(model, 1.0, 1.0)
+            return
+        (loss + lime.balance_loss(model, 1.0, 1.0)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("grad", [True, False])
+def test_dora_padding_keeps_the_frozen_output(fused, grad, monkeypatch):
+    """Padding positions give W x + b in every variant, DoRA included (not its rescaled μ ⊙ W x + b)."""
+    monkeypatch.setattr(LiMELinear, "fused", fused)
+    base, layer = make_layer("dora")
+    perturb_trainable(layer)
+    mu = layer.adapter.rescale(base).detach()
+    assert (mu - 1).abs().max() > 0.05
+    layer.text_context = TextContext(mask=torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool))
+    x = torch.randn(2, 5, 12)
+    with torch.set_grad_enabled(grad):
+        out = layer(x)
+    torch.testing.assert_close(out[0, :2], base(x)[0, :2], atol=1e-6, rtol=0)
+    real_z = mu * (x @ base.weight.T) + base.bias
+    assert not torch.allclose(out[0, 2:], base(x)[0, 2:], atol=1e-3)  # real tokens: adapted
+    assert (real_z - base(x)).abs().max() > 1e-2  # so the two frozen outputs really differ
+
+
+def test_global_norm_refuses_cached_decoding():
+    """routing.norm=global normalises over the whole batch, which a decoding step cannot see: refused."""
+    model = lime.apply_lime(tiny_causal_lm(), LiMEConfig(routing=dict(norm="global")))
+    ids, mask = left_padded_batch([6, 4], total=6)
+    model(input_ids=ids, attention_mask=mask)  # a full forward is fine
+    with pytest.raises(RuntimeError, match="norm='global'.*cached generation"):
+        decode_step_by_step(model, ids, mask, prefill=3)
+    with torch.no_grad():  # uncached generation is what it can do
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       use_cache=False)
