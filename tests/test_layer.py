@@ -387,3 +387,64 @@ def test_global_norm_refuses_cached_decoding():
     with torch.no_grad():  # uncached generation is what it can do
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
                        use_cache=False)
+
+
+def _media_features(model, inputs, media):
+    """Per image (video): the vision tower's features as the language model receives them."""
+    inner = model.model
+    if "pixel_values" in inputs and "image_grid_thw" in inputs:  # Qwen2-VL: every image's patches on one axis
+        return list(inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+    if "video_grid_thw" in inputs:
+        return list(inner.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output)
+    if media == "image":  # LLaVA-OV: a batch axis of tiles
+        return list(inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output)
+    return list(inner.get_video_features(inputs["pixel_values_videos"]).pooler_output)
+
+
+def _one_sample(inputs, index):
+    """Sample `index` of a processor batch, alone (Qwen2-VL's packed pixel rows sliced by its grid)."""
+    one = {}
+    for key in ("image", "video"):
+        grid_key, pixels_key = f"{key}_grid_thw", "pixel_values" if key == "image" else "pixel_values_videos"
+        if grid_key in inputs:
+            rows = inputs[grid_key].prod(-1)
+            start = int(rows[:index].sum())
+            one[pixels_key] = inputs[pixels_key][start : start + int(rows[index])]
+            one[grid_key] = inputs[grid_key][index : index + 1]
+    for key, value in inputs.items():
+        one.setdefault(key, value[index : index + 1])
+    return one
+
+
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_vision_features_do_not_depend_on_the_batch(tiny_model, make_inputs, media, monkeypatch):
+    """Images and videos of different sizes: each one's features are those it gets alone (n-gram windows and
+    every per-sequence statistic stay inside one image, also in Qwen2-VL's packed tower)."""
+    # One no-grad path whatever the token count (the paths differ in fp32 summation order only).
+    monkeypatch.setattr(LiMELinear, "direct_max_tokens", 0)
+    base, processor = tiny_model
+    model = lime.apply_lime(copy.deepcopy(base), LiMEConfig(targets=_targets(base), routing=dict(n_gram=3)))
+    perturb_trainable(model, scale=0.5)
+    inputs = make_inputs(processor, batch_size=3, media=media)
+    with torch.no_grad():
+        batched = _media_features(model, inputs, media)
+        for index in range(3):
+            alone = _media_features(model, _one_sample(inputs, index), media)
+            assert len(alone) == 1 and alone[0].shape == batched[index].shape
+            torch.testing.assert_close(batched[index], alone[0], atol=1e-5, rtol=0)
+
+
+def test_qwen2_vl_generation_does_not_depend_on_the_batch(tiny_qwen2_vl, make_inputs):
+    """End to end: a sample's generated logits are those it gets alone (images of different sizes, n-gram 3)."""
+    base, processor = tiny_qwen2_vl
+    model = lime.apply_lime(copy.deepcopy(base), LiMEConfig(targets=_targets(base), routing=dict(n_gram=3)))
+    perturb_trainable(model, scale=0.5)
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    inputs = make_inputs(processor, batch_size=3, generation=True)
+    with torch.no_grad():
+        batched = model.generate(**inputs, **kwargs)
+        for index in range(3):
+            alone = model.generate(**_one_sample(inputs, index), **kwargs)
+            for step in range(3):
+                torch.testing.assert_close(batched.logits[step][index], alone.logits[step][0], atol=1e-4, rtol=0)
