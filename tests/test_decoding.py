@@ -206,3 +206,33 @@ def test_a_foreign_cache_is_refused():
         cache = base(input_ids=ids[:, :3], attention_mask=mask[:, :3], use_cache=True).past_key_values
     with pytest.raises(RuntimeError, match="routing state"):
         step(model, ids, mask, cache, 3, 5)
+
+
+@pytest.mark.parametrize("prompt_context", ["prompt", "input"])
+def test_prompt_routing_agrees_between_teacher_forcing_and_generation(prompt_context):
+    """LiME prompt tuning routes on the prompt alone: a teacher-forced forward (prompt + answer, right-padded,
+    labels on the answer, as the training collator builds it) routes and predicts as generation did.
+    `routing.prompt_context=input` (the released code) routes on the answer too, so the two disagree."""
+    model = lime_model("prompt", 1, prompt_context=prompt_context)
+    prompts = []
+    model.lime_prompt.register_forward_hook(lambda module, args, out: prompts.append(out))
+    lengths = [7, 4]
+    ids, mask = left_padded_batch(lengths, total=7, seed=1)
+    out = generate(model, "greedy", ids, mask)
+    answers = out.sequences[:, 7:]
+    forced, forced_mask = torch.zeros(2, 7 + NEW, dtype=torch.long), torch.zeros(2, 7 + NEW, dtype=torch.long)
+    labels = torch.full_like(forced, -100)
+    for row, length in enumerate(lengths):
+        forced[row, :length], forced[row, length : length + NEW] = ids[row, -length:], answers[row]
+        forced_mask[row, : length + NEW] = 1
+        labels[row, length : length + NEW] = answers[row]
+    with torch.no_grad():
+        logits = model(input_ids=forced, attention_mask=forced_mask, labels=labels).logits
+    assert len(prompts) == 2  # one routing decision per sample at generation, one in the teacher-forced forward
+    if prompt_context == "input":
+        assert not torch.allclose(prompts[1], prompts[0], atol=1e-3)
+        return
+    torch.testing.assert_close(prompts[1], prompts[0], atol=1e-6, rtol=0)
+    for row, length in enumerate(lengths):
+        for step in range(NEW):
+            torch.testing.assert_close(logits[row, length - 1 + step], out.logits[step][row], atol=2e-5, rtol=0)
