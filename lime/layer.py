@@ -126,7 +126,8 @@ class LiMELinear(PEFTLinear):
         new_valid = valid[:, -num_new:]
         keep = new_valid if self.text_context is not None and self.text_context.mask is not None else None
         f = self._factors(sequences.dtype, state)
-        # A rescale μ (DoRA) applies to real tokens only: padding keeps W x + b, as in every other variant.
+        # A rescale μ (DoRA) applies to real tokens only: padding keeps W x + b, as in every other variant
+        # (computed as 1 · W x + b: in bf16/fp16 the bias add rounds once more than the Linear's own addmm).
         mu = f.mu if f.mu is None or keep is None else torch.where(keep.unsqueeze(-1), f.mu, 1.0)
         hidden, z = hidden_and_base(self.adapter, sequences, self.base, mu)  # u (rank r) and z
         route = {"memory": state, "bounds": bounds}
