@@ -126,10 +126,9 @@ class LiMELinear(PEFTLinear):
         new_valid = valid[:, -num_new:]
         keep = new_valid if self.text_context is not None and self.text_context.mask is not None else None
         f = self._factors(sequences.dtype, state)
-        # A rescale μ (DoRA) applies to real tokens only: padding keeps W x + b, as in every other variant
-        # (computed as 1 · W x + b: in bf16/fp16 the bias add rounds once more than the Linear's own addmm).
-        mu = f.mu if f.mu is None or keep is None else torch.where(keep.unsqueeze(-1), f.mu, 1.0)
-        hidden, z = hidden_and_base(self.adapter, sequences, self.base, mu)  # u (rank r) and z
+        hidden, z = hidden_and_base(self.adapter, sequences, self.base, None)  # u (rank r) and W x + b
+        if f.mu is not None:
+            z = self._rescaled(z, f.mu, keep)
         route = {"memory": state, "bounds": bounds}
         if not torch.is_grad_enabled() and batch * num_new <= self.direct_max_tokens:
             delta = F.linear(hidden, f.heads)  # ẑ
@@ -160,6 +159,13 @@ class LiMELinear(PEFTLinear):
             # Padding keeps the frozen output (W x + b: for DoRA, not its rescaled μ ⊙ W x + b).
             h = torch.where(new_valid.unsqueeze(-1), h, self.base(sequences))
         return h.reshape(*x.shape[:-1], h.shape[-1])
+
+    def _rescaled(self, frozen: Tensor, mu: Tensor, keep: Tensor | None) -> Tensor:
+        """z = μ ⊙ W x + b (DoRA) from the frozen output W x + b: μ ⊙ (W x + b) + (1 − μ) ⊙ b. Padding keeps
+        W x + b itself, as in every other variant (and autograd keeps no per-token μ for the backward)."""
+        bias = self.base.bias
+        z = mu * frozen if bias is None else torch.addcmul((1.0 - mu) * bias.to(mu.dtype), mu, frozen)
+        return z if keep is None else torch.where(keep.unsqueeze(-1), z, frozen)
 
     def _factors(self, dtype: torch.dtype, state: CacheState | None) -> Factors:
         """K, the router's heads and DoRA's μ (lime.fused), built for this call; during cached decoding

@@ -85,7 +85,4 @@ def test_layer_outputs_are_finite_and_padding_keeps_the_frozen_output(case, vari
     x = torch.randn(batch, length, 6, dtype=dtype)
     out = layer.eval()(x)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    if variant == "dora" and dtype == torch.bfloat16:  # W x, then + b: the bias add rounds once more than addmm
-        torch.testing.assert_close(out[~valid], base(x)[~valid], atol=2e-2, rtol=1e-2)
-    else:
-        assert torch.equal(out[~valid], base(x)[~valid])  # W x + b, for DoRA too
+    assert torch.equal(out[~valid], base(x)[~valid])  # W x + b, for DoRA too
