@@ -9,7 +9,9 @@ sample: Z = (base + c)[..., C], Ẑ = δ[..., C], c the mean embedding of the sa
 before the first answer token. In training the answer starts at the first position whose `label` (passed to
 the model) is not -100; in generation the first forward holds the prompt alone, or, in assisted and
 prompt-lookup decoding, the prompt and k - 1 drafted tokens, of which it asks the last k logits
-(`logits_to_keep=k`). So teacher-forced training and every decoding strategy route on the same c.
+(`logits_to_keep=k`). So teacher-forced training and every decoding strategy route on the same c. A full
+forward with neither (e.g. `generate(use_cache=False)`, which reruns the whole sequence) takes every token as
+the prompt.
 `routing.prompt_context=input` keeps the released code's c, the mean over the whole input (answer included in
 training, which generation cannot see).
 

@@ -180,10 +180,13 @@ def test_jitter_only_in_training():
     assert torch.equal(a, b)
 
 
-def test_anchor_last_is_refused_under_cached_decoding():
-    router = Router(8, 8, E, RoutingConfig(n_gram=2, anchor="last")).eval()
+@pytest.mark.parametrize("kwargs, key", [(dict(n_gram=2, anchor="last"), "anchor='last'"),
+                                         (dict(norm="global"), "norm='global'")])
+def test_settings_that_cannot_decode_with_a_cache_are_refused(kwargs, key):
+    router = Router(8, 8, E, RoutingConfig(**kwargs)).eval()
     z = torch.randn(1, 1, 8)
-    with pytest.raises(RuntimeError, match="anchor='last'.*cached generation"):
+    router(z, z, z, torch.ones(1, 1, dtype=torch.bool))  # a full forward (or a prefill) is fine
+    with pytest.raises(RuntimeError, match=f"{key}.*cached generation"):
         router(z, z, z, torch.ones(1, 4, dtype=torch.bool))
 
 
