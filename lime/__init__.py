@@ -11,9 +11,10 @@ from lime.config import ConfigError, LiMEConfig, RoutingConfig
 from lime.inject import apply_lime, summary, trainable_parameters, validate
 from lime.layer import LiMELinear, PEFTLinear
 from lime.prompt import PromptTuning
+from lime.registry import register_method, register_variant
 
 __all__ = [
     "AdapterError", "ConfigError", "LiMEConfig", "LiMELinear", "PEFTLinear", "PromptTuning", "RoutingConfig",
-    "apply_lime", "balance_loss", "load_adapter", "routing_summary", "save_adapter", "summary",
-    "trainable_parameters", "validate",
+    "apply_lime", "balance_loss", "load_adapter", "register_method", "register_variant", "routing_summary",
+    "save_adapter", "summary", "trainable_parameters", "validate",
 ]

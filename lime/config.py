@@ -2,7 +2,8 @@
 
 Keys carry the names of SPEC.md. Everything that can be checked without a model is checked here, in
 `__post_init__`, with a message naming the key; checks that need the model (targets, num_experts <= d_out)
-live in `lime.inject.validate`.
+live in `lime.inject.validate`. The allowed `peft.variant` and `peft.method` values, and which variants and
+router each method takes, are those registered in `lime.registry`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-VARIANTS = ("lora", "dora", "lora_fa", "slicefine", "prompt")
-METHODS = ("lime", "plain", "moe", "mola", "hydralora", "mixlora")
+from lime import registry
+
 ROUTERS = ("zero_param", "learned")
 NORMS = ("token", "global")
 CHANNELS = ("leading", "trailing", "central", "random")
@@ -28,8 +29,6 @@ OmegaConf.register_new_resolver("min", lambda *values: min(values), replace=True
 
 # Keys of a `configs/peft/*.yaml` file that are not LiMEConfig fields: its name and the two learning rates.
 PEFT_GROUP_EXTRAS = ("name", "peft_lr", "moe_lr")
-# The MoE-PEFT baselines (lime.moe) and the variants each is defined for.
-MOE_VARIANTS = {"moe": ("lora", "dora", "lora_fa"), "mola": ("lora",), "hydralora": ("lora",), "mixlora": ("lora",)}
 
 
 class ConfigError(ValueError):
@@ -113,8 +112,8 @@ class LiMEConfig:
         self.targets = tuple(self.targets)
         if self.layer_indices is not None:
             self.layer_indices = tuple(int(i) for i in self.layer_indices)
-        _one_of(self.variant, "peft.variant", VARIANTS)
-        _one_of(self.method, "peft.method", METHODS)
+        _one_of(self.variant, "peft.variant", tuple(registry.VARIANTS))
+        _one_of(self.method, "peft.method", tuple(registry.METHODS))
         _one_of(self.param_dtype, "peft.param_dtype", DTYPES)
         _require(len(self.targets) > 0 or self.variant == "prompt", "peft.targets", "is empty")
         _require(isinstance(self.num_experts, int) and self.num_experts >= 1, "peft.num_experts",
@@ -129,12 +128,12 @@ class LiMEConfig:
         if self.routing.selection in ("topk", "soft_topk"):
             _require(self.routing.top_k <= self.num_experts, "routing.top_k",
                      f"{self.routing.top_k} is larger than peft.num_experts={self.num_experts}")
-        if self.method in MOE_VARIANTS:
-            allowed = MOE_VARIANTS[self.method]
-            _require(self.variant in allowed, "peft.variant",
-                     f"method {self.method!r} is defined for {', '.join(allowed)}, not {self.variant!r}")
-            _require(self.routing.router == "learned", "routing.router",
-                     f"the MoE-PEFT baseline {self.method!r} routes with a learned router; set routing.router: learned")
+        method = registry.METHODS[self.method]
+        allowed = registry.allowed_variants(method)
+        _require(self.variant in allowed, "peft.variant",
+                 f"method {self.method!r} is defined for {', '.join(allowed)}, not {self.variant!r}")
+        _require(method.router in (None, self.routing.router), "routing.router",
+                 f"method {self.method!r} routes with the {method.router} router; set routing.router: {method.router}")
 
     @property
     def scale(self) -> float:

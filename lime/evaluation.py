@@ -23,6 +23,7 @@ from lime import scoring
 from lime.data.collate import Collator, GenerationBatch
 from lime.data.dataset import MMTDataset, SkipLog
 from lime.data.mmt47 import Taxonomy
+from lime.results import write_predictions, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def evaluate(
         for name in (scorer, other):
             scores[name][task] = {**scoring.score_split(predictions, answers, metric, scorer=name), "split": split}
         correct = scores[scorer][task].get("correct")
-        scoring.write_predictions(run_dir, split, [
+        write_predictions(run_dir, split, [
             {**r, "correct": bool(correct[i]) if correct else None} for i, r in enumerate(rows)])
         counts[task] = len(rows)
         logger.info("%s: %s %.2f over %d samples", split, scorer, scores[scorer][task]["score"], len(rows))
@@ -102,8 +103,8 @@ def evaluate(
     # Categories with no evaluated task (a data subset) are left out; a partly evaluated one stays incomplete.
     categories = {name: list(tasks) for name, tasks in taxonomy.categories.items()
                   if any(task in scores[scorer] for task in tasks)}
-    results = scoring.write_results(run_dir, scores[scorer], categories, scorer, counts,
-                                    other_scorers={other: scores[other]})
+    results = write_results(run_dir, scores[scorer], categories, scorer, counts,
+                            other_scorers={other: scores[other]})
     return results
 
 

@@ -1,8 +1,10 @@
-"""The fast paths of `LiMELinear` for the low-rank delta producers (LoRA, LoRA-FA, DoRA, SliceFine).
+"""The fast paths of `LiMELinear` for every low-rank delta producer (`lime.adapters.LowRankAdapter`).
 
-For these modules ẑ = s · μ ⊙ (u Bᵀ): u = A dropout(x) is the rank-r activation (SliceFine: u = x_S, s = 1,
-B = ΔW_S), μ the DoRA rescale (1 for the others). With V = [p_1 … p_E, γ p_s] ((E+1) x d_out) and
-ω = [w̃_1 … w̃_E, 1] per token, the LiME term is a product of rank r·(E+1):
+Such a module gives ẑ = s · μ ⊙ (u Bᵀ) through its protocol: u = `hidden(x)` the rank-r activation,
+(B, s) = `heads()`, μ = `rescale(base)` (None: 1) and z = `base_output(x, base, μ)` (LoRA: u = A dropout(x);
+SliceFine: u = x_S, s = 1, B = ΔW_S; DoRA: LoRA's plus μ). Nothing here depends on which variant it is.
+With V = [p_1 … p_E, γ p_s] ((E+1) x d_out) and ω = [w̃_1 … w̃_E, 1] per token, the LiME term is a product of
+rank r·(E+1):
 
     ẑ ⊙ (P + γ p_s) = Σ_j Σ_e (u_j ω_e) · s μ ⊙ B_j ⊙ V_e  =  Q Kᵀ
 
@@ -40,19 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lime.adapters import DoRA, LoRA, SliceFine
+from lime.adapters import LowRankAdapter
 
 
 def is_low_rank(adapter: nn.Module) -> bool:
-    """Whether `adapter`'s delta is s · μ ⊙ (u Bᵀ) (the fast path applies)."""
-    return isinstance(adapter, LoRA | SliceFine)  # LoRA, LoRA-FA, DoRA (LoRA subclasses), SliceFine
-
-
-def _heads(adapter: nn.Module) -> tuple[Tensor, float]:
-    """B (d_out x r, storage dtype) and s."""
-    if isinstance(adapter, SliceFine):
-        return adapter.slice_delta, 1.0
-    return adapter.lora_B, adapter.scale
+    """Whether `adapter` implements the factored form ẑ = s · μ ⊙ (u Bᵀ) (the fast paths apply)."""
+    return isinstance(adapter, LowRankAdapter)
 
 
 @dataclass
@@ -61,19 +56,19 @@ class Factors:
 
     k: Tensor  # (d_out, r(E+1)) K
     router_heads: Tensor | None  # (|C|, r) s μ_C ⊙ B_C: Ẑ = u @ router_heads.T; None for a learned router
-    mu: Tensor | None  # (d_out,) DoRA's μ; None elsewhere
+    mu: Tensor | None  # (d_out,) the rescale μ (DoRA's); None without one
     heads: Tensor  # (d_out, r) s μ ⊙ B: ẑ = u @ heads.T at full width (`modulated_direct`)
     experts: Tensor  # (E, d_out) the expert vectors p_e
     shared: Tensor | None  # (d_out,) γ p_s; None without the shared vector
 
 
 def factors(
-    adapter: nn.Module, base: nn.Linear, expert_vectors: Tensor, shared_gate: Tensor | None,
+    adapter: LowRankAdapter, base: nn.Linear, expert_vectors: Tensor, shared_gate: Tensor | None,
     shared_vector: Tensor | None, channels: Tensor | None, dtype: torch.dtype,
 ) -> Factors:
     """K, the router's heads and μ, built from the layer's tensors (in their storage dtype, then cast)."""
-    heads, scale = _heads(adapter)
-    mu = adapter.rescale(base) if isinstance(adapter, DoRA) else None
+    heads, scale = adapter.heads()
+    mu = adapter.rescale(base)
     rows = expert_vectors.to(heads.dtype)
     if shared_vector is not None:
         rows = torch.cat([rows, (shared_gate * shared_vector).to(heads.dtype).unsqueeze(0)])  # V
@@ -86,15 +81,9 @@ def factors(
                    expert_vectors.to(dtype), shared)
 
 
-def hidden_and_base(adapter: nn.Module, x: Tensor, base: nn.Linear, mu: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(u, z) as the adapter's own forward computes them: u (..., r) and the base output z (DoRA: μ ⊙ W x + b)."""
-    if isinstance(adapter, SliceFine):
-        return x[..., adapter.slice_start : adapter.slice_start + adapter.slice_delta.shape[1]], base(x)
-    hidden = F.linear(adapter.dropout(x), adapter.lora_A.to(x.dtype))
-    if mu is None:
-        return hidden, base(x)
-    z = mu * F.linear(x, base.weight)
-    return hidden, z if base.bias is None else z + base.bias
+def hidden_and_base(adapter: LowRankAdapter, x: Tensor, base: nn.Linear, mu: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(u, z) as the adapter's own forward computes them: u (..., r) and the base output z (under μ: μ ⊙ W x + b)."""
+    return adapter.hidden(x), adapter.base_output(x, base, mu)
 
 
 def modulated_output(z: Tensor, hidden: Tensor, weights: Tensor, k: Tensor, keep: Tensor | None = None) -> Tensor:

@@ -1,30 +1,42 @@
 """Walk a model, wrap the target Linear layers, freeze everything else.
 
-`LAYER_BUILDERS` is the registry from `peft.method` to the layer that wraps one frozen nn.Linear; prompt
-tuning (`peft.variant=prompt`) wraps the language model's input instead (lime.prompt).
+`lime.registry.METHODS` maps `peft.method` to the layer that wraps one frozen nn.Linear (`lime` and `plain`
+are registered here, the MoE-PEFT baselines in lime.moe); a variant that wraps no Linear (prompt tuning)
+wraps the language model's input instead (lime.prompt).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from torch import nn
 
+import lime.moe  # noqa: F401  (registers the MoE-PEFT baselines)
 from lime.adapters import build_adapter
 from lime.config import ConfigError, LiMEConfig
 from lime.context import TextContext, VisionContext, track_text_mask, track_vision_sequences
 from lime.layer import LiMELinear, PEFTLinear
-from lime.moe import MoELinear
+from lime.registry import METHODS, VARIANTS, Variant, register_method
 
-LayerBuilder = Callable[[nn.Linear, LiMEConfig, "TextContext | None"], nn.Module]
 
-LAYER_BUILDERS: dict[str, LayerBuilder] = {
-    "lime": LiMELinear,
-    "plain": lambda base, config, context: PEFTLinear(base, build_adapter(base, config)),
-    # The MoE-PEFT baselines (SPEC section 4): one layer class, the expert layout read from config.method.
-    **dict.fromkeys(("moe", "mola", "hydralora", "mixlora"), MoELinear),
-}
+def plain_layer(base: nn.Linear, config: LiMEConfig, context: TextContext | None = None) -> PEFTLinear:
+    return PEFTLinear(base, build_adapter(base, config))
+
+
+def plain_params(d_in: int, d_out: int, config: LiMEConfig, variant: Variant) -> int:
+    return variant.params(d_in, d_out, config)
+
+
+def lime_params(d_in: int, d_out: int, config: LiMEConfig, variant: Variant) -> int:
+    """The shared module + E expert vectors (+ p_s and γ) (+ the learned router's E·d_in)."""
+    experts = config.num_experts * d_out + (d_out + 1 if config.shared else 0)
+    router = config.num_experts * d_in if config.routing.router == "learned" else 0
+    return variant.params(d_in, d_out, config) + experts + router
+
+
+register_method("lime", LiMELinear, lime_params)
+register_method("plain", plain_layer, plain_params, routed=False)
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -68,7 +80,7 @@ def validate(model: nn.Module, config: LiMEConfig) -> list[str]:
     """
     if any(isinstance(m, PEFTLinear) for m in model.modules()) or hasattr(model, "lime_config"):
         raise ConfigError("model: LiME is already applied to this model; load adapters with lime.load_adapter")
-    if config.variant == "prompt":
+    if VARIANTS[config.variant].build is None:  # prompt tuning: wraps the language model's input
         width = language_model(model).get_input_embeddings().embedding_dim
         if config.num_experts > width:
             raise ConfigError(f"peft.num_experts: {config.num_experts} is larger than the embedding width {width}")
@@ -90,20 +102,16 @@ def validate(model: nn.Module, config: LiMEConfig) -> list[str]:
                 + (f" in peft.layer_indices={list(config.layer_indices)}" if config.layer_indices else "")
                 + f"; Linear names in this model end with: {', '.join(sample)}"
             )
+    routed, check = METHODS[config.method].routed, VARIANTS[config.variant].check
     for name, linear in wrapped:
-        if config.method != "plain" and config.num_experts > linear.out_features:
+        if routed and config.num_experts > linear.out_features:
             raise ConfigError(
                 f"peft.num_experts: {config.num_experts} is larger than d_out={linear.out_features} of {name} "
                 "(the router reads E output channels)"
             )
-        if config.variant == "dora" and type(linear).__module__.startswith("bitsandbytes"):
-            raise ConfigError(f"peft.variant: DoRA needs the dense weight of {name} for its row norms; "
-                              "it is not supported on a bitsandbytes-quantized base (model.quantization)")
-        if config.variant == "slicefine" and config.slice_start + config.rank > linear.in_features:
-            raise ConfigError(
-                f"peft.slice_start: {config.slice_start} + peft.rank {config.rank} runs past the "
-                f"{linear.in_features} input columns of {name}"
-            )
+        problem = check(name, linear, config) if check is not None else None
+        if problem is not None:
+            raise ConfigError(problem)
     return names
 
 
@@ -117,14 +125,14 @@ def apply_lime(model: nn.Module, config: LiMEConfig) -> nn.Module:
         parameter.requires_grad_(False)
     text_model = language_model(model)
     text_prefix = next(n for n, m in model.named_modules() if m is text_model)
-    if config.variant == "prompt":
+    if VARIANTS[config.variant].build is None:
         from lime.prompt import attach_prompt
 
         attach_prompt(model, text_model, config)
     else:
         vision = VisionContext()
         context = TextContext()
-        build = LAYER_BUILDERS[config.method]
+        build = METHODS[config.method].layer
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
@@ -170,7 +178,7 @@ def summary(model: nn.Module) -> str:
         f"({100 * trainable_parameters(model) / max(total, 1):.4f}%)",
         *(f"  {group:16s} {count:,}" for group, count in sorted(groups.items())),
     ]
-    if config.method != "plain":
+    if METHODS[config.method].routed:
         r = config.routing
         lines.append(
             f"routing: {r.router} E={config.num_experts} selection={r.selection} (θ={r.threshold}, k={r.top_k}) "

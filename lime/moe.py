@@ -1,6 +1,7 @@
 """The MoE-PEFT baselines of SPEC section 4: routed LoRA experts chosen per token by a learned router.
 
-One layer, `MoELinear`, covers every baseline; `config.method` picks the expert layout. With w̃ the top-k
+One layer, `MoELinear`, covers every baseline; `config.method` picks the expert layout (`LAYOUTS`, the one
+place the four baselines are named; each is registered in lime.registry from it). With w̃ the top-k
 routing weights of a token (they sum to 1, unselected experts get exactly 0), s = alpha / r, W, b the frozen
 weight and bias and z = W x + b:
 
@@ -51,6 +52,7 @@ it is exactly plain LoRA.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +63,79 @@ from lime.balance import RoutingStats, routing_stats
 from lime.config import LiMEConfig
 from lime.context import TextContext
 from lime.layer import PEFTLinear, _as_sequences, token_layout
+from lime.registry import Variant, register_method
 from lime.routing import Router
 
-MOE_METHODS = ("moe", "mola", "hydralora", "mixlora")
+
+@dataclass(frozen=True)
+class Layout:
+    """How a baseline lays out its E experts over LoRA tensors."""
+
+    a_per_expert: bool  # E A's (else one A shared by the experts)
+    b_per_expert: bool  # E B's (else one B whose E output blocks are the experts: MixLoRA)
+    shared_lora: bool = False  # the always-on shared LoRA (when peft.shared)
+    variants: tuple[str, ...] = ("lora",)
+
+    def params(self, d_in: int, d_out: int, config: LiMEConfig, variant: Variant) -> int:
+        """Trainable parameters per layer (the counts of the module docstring)."""
+        e, r, frozen_a = config.num_experts, config.rank, config.variant == "lora_fa"
+        a = 0 if frozen_a else (e if self.a_per_expert else 1) * r * d_in
+        b = (e if self.b_per_expert else 1) * r * d_out
+        magnitude = e * d_out if config.variant == "dora" else 0
+        shared = (r * d_out + (0 if frozen_a else r * d_in)) if self.shared_lora and config.shared else 0
+        return a + b + magnitude + shared + e * d_in  # + the router
 
 
-class MoELinear(PEFTLinear):
+LAYOUTS = {
+    "moe": Layout(a_per_expert=True, b_per_expert=True, shared_lora=True, variants=("lora", "dora", "lora_fa")),
+    "mola": Layout(a_per_expert=True, b_per_expert=True),
+    "hydralora": Layout(a_per_expert=False, b_per_expert=True),
+    "mixlora": Layout(a_per_expert=False, b_per_expert=False),
+}
+MOE_METHODS = tuple(LAYOUTS)
+
+
+class RoutedLinear(PEFTLinear):
+    """What every routed baseline shares: a learned router over E experts, the text mask, routing statistics.
+
+    A subclass builds its tensors, calls `init_routing` last (so that the router's random init follows the
+    experts', as it always has), and in `forward` calls `route` for the gates and `keep_padding` at the end.
+    """
+
+    def init_routing(self, config: LiMEConfig, text_context: TextContext | None) -> None:
+        base, dtype = self.base, getattr(torch, config.param_dtype)
+        self.router = Router(base.in_features, base.out_features, config.num_experts, config.routing)
+        self.router.to(base.weight.device)
+        if self.router.proj is None:
+            raise ValueError(f"routing.router: the MoE-PEFT baseline {config.method!r} needs routing.router='learned'")
+        self.router.proj.to(dtype)
+        # A plain attribute, not a submodule: it is shared by every layer of the language model.
+        self.text_context = text_context
+        self.track_routing = False  # record routing statistics outside training too
+        self.routing_stats: RoutingStats | None = None
+
+    def route(self, x: Tensor, sequences: Tensor, frozen: Tensor) -> tuple[Tensor, Tensor]:
+        """The routed weights w̃ (B, T, E) in the activation dtype, and the real-token mask of the new tokens.
+
+        x: the layer's input as it came; sequences: x viewed as (B, T, d_in); frozen: the frozen output z.
+        """
+        batch, num_new = sequences.shape[:2]
+        valid, state, bounds = token_layout(self.text_context, x, batch, num_new)
+        # A learned router reads x only; z is passed for the zero-parameter router's signature.
+        weights, routed, selected = self.router(sequences, frozen, frozen, valid, memory=state, bounds=bounds)
+        new_valid = valid[:, -num_new:]
+        if self.training or self.track_routing:
+            self.routing_stats = routing_stats(weights, selected, new_valid)
+        return routed.to(sequences.dtype), new_valid
+
+    def keep_padding(self, h: Tensor, frozen: Tensor, new_valid: Tensor) -> Tensor:
+        """Padding positions keep the frozen output."""
+        if self.text_context is not None and self.text_context.mask is not None:
+            h = torch.where(new_valid.unsqueeze(-1), h, frozen)
+        return h
+
+
+class MoELinear(RoutedLinear):
     """A frozen Linear plus E routed LoRA experts (and MoELoRA's always-on shared LoRA).
 
     Tensors: `lora_A` (E x r x d_in; one A for hydralora/mixlora: 1 x r x d_in), `lora_B` (E x d_out x r;
@@ -77,44 +146,38 @@ class MoELinear(PEFTLinear):
     def __init__(self, base: nn.Linear, config: LiMEConfig, text_context: TextContext | None = None) -> None:
         if config.method not in MOE_METHODS:
             raise ValueError(f"peft.method: MoELinear builds {', '.join(MOE_METHODS)}, not {config.method!r}")
+        layout = LAYOUTS[config.method]
         dtype, device = getattr(torch, config.param_dtype), base.weight.device
         d_in, d_out, experts, rank = base.in_features, base.out_features, config.num_experts, config.rank
         shared = None
-        if config.method == "moe" and config.shared:
+        if layout.shared_lora and config.shared:
             shared_cls = LoRAFA if config.variant == "lora_fa" else LoRA
             shared = shared_cls(base, rank, config.alpha, config.dropout, dtype)
         super().__init__(base, shared)
         self.method, self.variant, self.num_experts, self.rank = config.method, config.variant, experts, rank
+        self.layout = layout
         self.scale = config.alpha / rank
 
         # A: one per expert (MoELoRA family, MoLA) or one shared by all experts (HydraLoRA, MixLoRA).
-        num_a = experts if config.method in ("moe", "mola") else 1
+        num_a = experts if layout.a_per_expert else 1
         lora_a = torch.empty(num_a, rank, d_in, dtype=dtype, device=device)
         for a in lora_a:  # per expert, so the fan-in is d_in as in HF peft (a 3-D tensor would get r·d_in)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_A = nn.Parameter(lora_a, requires_grad=config.variant != "lora_fa")
         # B = 0: every expert starts at ẑ = 0, so the wrapped layer equals its base at init.
-        num_b = 1 if config.method == "mixlora" else experts
+        num_b = experts if layout.b_per_expert else 1
         self.lora_B = nn.Parameter(torch.zeros(num_b, d_out, rank, dtype=dtype, device=device))
         self.magnitude = None
         if config.variant == "dora":  # m_e starts at the row norms of W, so every μ_e = 1 at init
             with torch.no_grad():
                 row_norms = base.weight.detach().to(dtype).norm(dim=1)
             self.magnitude = nn.Parameter(row_norms.expand(experts, -1).clone())
-        if config.method == "mixlora":
+        if not layout.b_per_expert:
             # Output channel c belongs to expert ⌊c·E / d_out⌋: E contiguous, near-equal blocks.
             owner = torch.div(torch.arange(d_out, device=device) * experts, d_out, rounding_mode="floor")
             self.register_buffer("channel_expert", owner, persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-
-        self.router = Router(d_in, d_out, experts, config.routing).to(device)
-        if self.router.proj is None:
-            raise ValueError("routing.router: the MoE-PEFT baselines need routing.router='learned'")
-        self.router.proj.to(dtype)
-        # A plain attribute, not a submodule: it is shared by every layer of the language model.
-        self.text_context = text_context
-        self.track_routing = False  # record routing statistics outside training too
-        self.routing_stats: RoutingStats | None = None
+        self.init_routing(config, text_context)
 
     def rescale(self) -> Tensor:
         """MoEDoRA: μ_e = m_e / ‖W + s B_e A_e‖_row for every expert, (E, d_out); the norm is detached."""
@@ -132,22 +195,15 @@ class MoELinear(PEFTLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         sequences = _as_sequences(x)
-        batch, num_new = sequences.shape[:2]
-        valid, state, bounds = token_layout(self.text_context, x, batch, num_new)
         bias = self.base.bias
         if self.magnitude is None:
             frozen = self.base(sequences)
         else:  # W x once: DoRA rescales it per expert
             wx = F.linear(sequences, self.base.weight)
             frozen = wx if bias is None else wx + bias
-        # A learned router reads x only; z is passed for the zero-parameter router's signature.
-        weights, routed, selected = self.router(sequences, frozen, frozen, valid, memory=state, bounds=bounds)
-        new_valid = valid[:, -num_new:]
-        if self.training or self.track_routing:
-            self.routing_stats = routing_stats(weights, selected, new_valid)
-
-        gates, dropped = routed.to(sequences.dtype), self.dropout(sequences)
-        if self.method == "mixlora":
+        gates, new_valid = self.route(x, sequences, frozen)
+        dropped = self.dropout(sequences)
+        if not self.layout.b_per_expert:  # MixLoRA: expert e owns output block e of one LoRA
             one_lora = F.linear(F.linear(dropped, self.lora_A[0].to(x.dtype)), self.lora_B[0].to(x.dtype))
             h = frozen + gates[..., self.channel_expert] * (one_lora * self.scale)
         elif self.magnitude is not None:  # Σ_e w̃_e μ_e ⊙ (W x + s B_e A_e x) + b
@@ -160,9 +216,11 @@ class MoELinear(PEFTLinear):
         if self.adapter is not None:  # MoELoRA's always-on shared LoRA
             h = h + self.adapter.delta(sequences)
 
-        if self.text_context is not None and self.text_context.mask is not None:
-            h = torch.where(new_valid.unsqueeze(-1), h, frozen)  # padding keeps the frozen output
+        h = self.keep_padding(h, frozen, new_valid)
         return h.reshape(*x.shape[:-1], h.shape[-1])
 
 
-__all__ = ["MOE_METHODS", "MoELinear"]
+for _name, _layout in LAYOUTS.items():
+    register_method(_name, MoELinear, _layout.params, variants=_layout.variants, router="learned", routing_group="moe")
+
+__all__ = ["LAYOUTS", "MOE_METHODS", "Layout", "MoELinear", "RoutedLinear"]

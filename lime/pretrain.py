@@ -43,7 +43,10 @@ PRETRAIN_VERSION = 2
 def backbone_dir(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> Path:
     recipe = {"tiny": model_cfg["tiny"], "family": model_cfg["family"], "seed": model_cfg.get("seed", 0),
               "pretrain": {k: v for k, v in model_cfg["pretrain"].items() if k != "cache_dir"},
-              "generate": data_cfg["generate"], "version": PRETRAIN_VERSION}
+              "generate": data_cfg["generate"], "version": PRETRAIN_VERSION,
+              # how video frames are sampled changes what the backbone is trained on
+              "frames": [data_cfg.get("num_frames", 8), data_cfg.get("frame_sampling", "floor"),
+                         data_cfg.get("pad_short_clips", "eval")]}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = Path(str(model_cfg["pretrain"].get("cache_dir") or "~/.cache/lime/backbones")).expanduser()
     return root / f"{model_cfg['name']}-{key}"

@@ -30,6 +30,7 @@ from lime import evaluation, models, pretrain, training
 from lime.checkpoint import read_adapter_config
 from lime.config import ConfigError, LiMEConfig
 from lime.data import dataset as data
+from lime.data import mmt47
 from lime.data.collate import Collator
 from lime.data.dataset import SkipLog
 from lime.data.mmt47 import Taxonomy
@@ -87,6 +88,16 @@ def adapter_dir(checkpoint: str | Path) -> Path:
     """A run directory's adapter, or the adapter directory itself."""
     path = Path(str(checkpoint)).expanduser()
     return path / "adapter" if (path / "adapter").is_dir() else path
+
+
+def evaluated_adapter(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The adapter an eval run evaluates (method, config, path, sha256); a peft= that names another method
+    is overruled, loudly."""
+    adapter = lime.checkpoint.describe_adapter(adapter_dir(cfg["checkpoint"]))
+    if cfg["peft"].get("name") not in (None, adapter["method"]):
+        logger.warning("peft=%s is ignored in mode=eval: the adapter at %s is %s, and the run is recorded as %s",
+                       cfg["peft"].get("name"), adapter["checkpoint"], adapter["method"], adapter["method"])
+    return adapter
 
 
 def build_model(cfg: Mapping[str, Any], config: LiMEConfig) -> tuple[torch.nn.Module, Any]:
@@ -218,6 +229,8 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
     record = RunRecord(run_dir, cfg, experiment)
     try:
         config = check_config(cfg)
+        if cfg["mode"] == "eval":  # the run is labelled by the adapter it evaluates, not by peft= (the command line)
+            record.update(**evaluated_adapter(cfg))
         if cfg["trainer"].get("threads"):  # tiny CPU runs: one intra-op thread (see configs/trainer/smoke.yaml)
             torch.set_num_threads(int(cfg["trainer"]["threads"]))
         transformers.set_seed(cfg["seed"])
@@ -232,6 +245,7 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
                       total_params=sum(p.numel() for p in model.parameters()))
         splits = data.build(cfg["data"])
         if cfg["mode"] == "train":
+            mmt47.write_train_tasks(splits["train"].rows, run_dir)  # rows per task, where the data tells them
             metrics = fit(model, processor, splits.pop("train"), cfg, run_dir)
             if int(os.environ.get("RANK", "0")) != 0:
                 return {}  # torchrun: rank 0 saves the adapter, evaluates and writes the run directory

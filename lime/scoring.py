@@ -1,4 +1,5 @@
-"""Scoring MMT-47 predictions: a strict scorer (the default), a lenient one, aggregation, result files.
+"""Scoring MMT-47 predictions, strings in and verdicts out: a strict scorer (the default), a lenient one, and
+split-level scores (accuracy, Pearson / Spearman). Aggregation and result files: ``lime.results``.
 
 Two scorers, both plain functions ``(prediction, answer, metric) -> float`` (1.0 right, 0.0 wrong):
 
@@ -7,9 +8,13 @@ Two scorers, both plain functions ``(prediction, answer, metric) -> float`` (1.0
     2. an answer that is a single option letter A-J ("B", "(B)", "B.") -> multiple-choice letter extraction
        (``extract_choice``);
     3. an answer that parses as a number ("3", "1,000", "45%", "two") -> numbers compared with the task's
-       tolerance (``MetricSpec.abs_tol`` / ``rel_tol``); units are ignored unless both sides carry one;
+       tolerance (``MetricSpec.abs_tol`` / ``rel_tol``); units are ignored unless both sides carry one, and
+       only known units count as units: "10 not", "3 or" and "1995b" are not numbers, so they are wrong;
     4. anything else -> exact match after ``normalize``. Substrings are never accepted.
-  A leading "Answer:" / "The (correct) answer is" is removed from the prediction first.
+  Markdown marks ("**B**", "`12`") and a leading "Answer:" / "The (correct) answer is" are removed from the
+  prediction first. Multi-line predictions: a letter on the first line commits to it (the rest must not name
+  another option); a number or a text answer must be the whole prediction.
+  A gold answer may list several accepted strings (``AcceptedAnswers`` or a list): right if any one matches.
 
 * ``lenient_score`` -- REFERENCE MODE ONLY, NEVER THE DEFAULT. Mimics the authors' released scorer: lowercase
   and strip both strings, then count the prediction correct if ``pred == answer or pred in answer or answer
@@ -27,14 +32,11 @@ scorers; an unparseable regression prediction is kept, counted in ``failures``, 
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import re
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 SCORERS = ("strict", "lenient")
 ACCURACY = "accuracy"
@@ -49,10 +51,6 @@ LENIENT_WARNING = (
     "lenient scorer (reference mode, like the released code): substring match in both directions; "
     "an empty prediction counts as correct. Not the default; report the strict score next to it."
 )
-
-
-class IncompleteResultsError(ValueError):
-    """A category (or the overall mean) is missing task scores and the caller asked for strictness."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +115,15 @@ _ANSWER_PREFIX = re.compile(
 )
 
 
+# Markdown emphasis and code marks ("**B**", "`12`", "__yes__") and heading marks ("### B") carry no answer.
+_MARKDOWN = re.compile(r"\*+|`+|(?<!\w)_+|_+(?!\w)|^\s*#+\s*", re.M)
+
+
+def strip_markdown(text: str) -> str:
+    """Remove markdown emphasis, code and heading marks: "**(B)** red" -> "(B) red"."""
+    return _MARKDOWN.sub("", text)
+
+
 def strip_answer_prefix(text: str) -> str:
     """Remove one leading "Answer:" / "The (correct) answer is" phrase."""
     return _ANSWER_PREFIX.sub("", text, count=1).strip()
@@ -132,25 +139,58 @@ def normalize(text: str) -> str:
     return " ".join(kept or words)
 
 
+# Parsing only (not `normalize`): number words up to twenty, so "twelve" is 12 as a numeric answer.
+_PARSE_NUMBER_WORDS = {
+    word: str(i)
+    for i, word in enumerate(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+    )
+}
+_LEADING_NUMBER_WORD = re.compile(rf"^({'|'.join(_PARSE_NUMBER_WORDS)})\b")
+# The units a number may carry. Only these: a trailing word that is not a unit ("10 not", "3 or", "1995b")
+# makes the text something other than a number, so it is never read as one. Spellings of one unit map to
+# one name ("percent" -> "%"), so "45 percent" and "45%" compare equal.
+_UNIT_NAMES = {
+    "%": ("%", "percent", "per cent", "pct"),
+    "°": ("°", "deg", "degree", "degrees"),
+    "°c": ("°c", "celsius"), "°f": ("°f", "fahrenheit"),
+    "mg": ("mg",), "g": ("g", "gram", "grams"), "kg": ("kg", "kgs", "kilogram", "kilograms"),
+    "lb": ("lb", "lbs", "pound", "pounds"),
+    "mm": ("mm",), "cm": ("cm",), "m": ("m", "meter", "meters", "metre", "metres"),
+    "km": ("km", "kilometer", "kilometers", "kilometre", "kilometres"), "mi": ("mi", "mile", "miles"),
+    "ft": ("ft", "foot", "feet"), "inch": ("inch", "inches"),
+    "s": ("s", "sec", "secs", "second", "seconds"), "min": ("min", "mins", "minute", "minutes"),
+    "h": ("h", "hr", "hrs", "hour", "hours"), "day": ("day", "days"), "week": ("week", "weeks"),
+    "month": ("month", "months"), "year": ("year", "years", "yr", "yrs"),
+    "$": ("dollar", "dollars", "usd"), "€": ("euro", "euros", "eur"), "x": ("x", "times"),
+}
+_UNITS = {spelling: name for name, spellings in _UNIT_NAMES.items() for spelling in spellings}
+_UNIT_PATTERN = "|".join(sorted(map(re.escape, _UNITS), key=len, reverse=True))
 # A number: optional sign and currency sign, digits with optional thousands separators, optional decimals,
-# then at most one unit token ("%", "°", "kg", "apples").
+# then at most one unit from the list above.
 _NUMBER = re.compile(
-    r"(?P<sign>[-+]?)\$?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)\s*(?P<unit>%|°|[^\W\d_]+)?"
+    r"(?P<sign>[-+]?)(?P<currency>[$€£]?)(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    rf"(?:\s*(?P<unit>{_UNIT_PATTERN}))?"
 )
+_CURRENCY = {"$": "$", "€": "€", "£": "£"}
 
 
 def parse_number(text: str) -> tuple[float, str] | None:
-    """Parse "3", "-2.5", "1,000", "$5", "45%", "12 kg", "two" -> (value, unit); anything else -> None.
+    """Parse "3", "-2.5", "1,000", "$5", "45%", "45 percent", "12 kg", "two", "twelve" -> (value, unit);
+    anything else -> None.
 
-    The whole string (after an answer prefix and trailing sentence punctuation) must be the number, so
-    "12 or 13" and "about 12" are not numbers. Percent is not converted: "45%" is (45.0, "%")."""
-    s = strip_answer_prefix(text).lower().strip(" \t\n\"'`").rstrip(".,;:!?")
-    s = _NUMBER_WORDS.get(s, s)
+    The whole string (after markdown, an answer prefix and trailing sentence punctuation) must be the number,
+    so "12 or 13", "about 12", "10 not" and "1995b" are not numbers: the only words allowed after the
+    number are units (``_UNITS``). Percent is not converted: "45%" is (45.0, "%")."""
+    s = strip_answer_prefix(strip_markdown(text)).lower().strip(" \t\n\"'").rstrip(".,;:!?")
+    s = _LEADING_NUMBER_WORD.sub(lambda m: _PARSE_NUMBER_WORDS[m[1]], s)
     m = _NUMBER.fullmatch(s)
     if m is None:
         return None
     value = float(m["num"].replace(",", ""))
-    return (-value if m["sign"] == "-" else value), (m["unit"] or "")
+    unit = _UNITS[m["unit"]] if m["unit"] else _CURRENCY.get(m["currency"], "")
+    return (-value if m["sign"] == "-" else value), unit
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -168,8 +208,13 @@ _CHOICE_PREFIX = re.compile(
 _LETTER_WITH_TEXT = re.compile(r"(?:\(([A-J])\)[.:]?|([A-J])[.:)])\s+(\S.*)", re.I | re.S)
 # Any other option letter mentioned after the chosen one ("B) not C", "B\n(C) is also possible") makes the
 # prediction ambiguous: "(C)" or a standalone uppercase B-J. "A" and "I" followed by a lowercase word are
-# English words ("B) A dog", "B) I think"), not options. Lowercase letters never count.
-_OTHER_LETTER = re.compile(r"(?<![\w'])(?:\(([A-J])\)|([B-HJ])(?![\w'])|([AI])(?![\w'])(?!\s+[a-z]))")
+# English words ("B) A dog", "B) I think"), not options -- unless that word is one that talks about an
+# option ("A is wrong", "A or B", "I would also work"): then they are letters like any other, so
+# "B\nA is wrong" and "B\nC is wrong" are treated alike. Lowercase letters never count.
+_OPTION_TALK = r"(?:is|isn't|was|wasn't|are|and|or|nor|would|could|can|might|may|also|too|seems|looks|fits)\b"
+_OTHER_LETTER = re.compile(
+    rf"(?<![\w'])(?:\(([A-J])\)|([B-HJ])(?![\w'])|([AI])(?![\w'])(?!\s+(?!{_OPTION_TALK})[a-z]))"
+)
 
 
 def answer_letter(answer: str) -> str | None:
@@ -184,12 +229,13 @@ def extract_choice(prediction: str) -> str | None:
     Accepted: "B", "b", "B.", "(B)", "B) text", "B. text", "(B) text", "Answer: B", "The answer is (B).",
     "Option B", and a first line that is just the letter ("B\\nbecause ..."). Rejected (None): a bare letter
     followed by words ("A cat" -- an article, not option A), a letter inside a word ("Bus"), several
-    letters ("B or C", "B, C", "B) x (C) y", "B\\nnot C"), and anything not starting with the letter.
+    letters ("B or C", "B, C", "B) x (C) y", "B\\nnot C", "B\\nA is wrong"), and anything not starting
+    with the letter. Markdown marks are ignored ("**B**", "**(B)** text").
     Strict errs towards "wrong": option text that itself contains a standalone capital B-J ("B) Vitamin D")
     is rejected, and a prediction giving only the option text (no letter) is wrong, since the scorer does
     not see the options.
     """
-    text = _CHOICE_PREFIX.sub("", prediction.strip(), count=1).strip()
+    text = _CHOICE_PREFIX.sub("", strip_markdown(prediction).strip(), count=1).strip()
     first_line, _, rest = text.partition("\n")
     m = _LETTER_ANSWER.fullmatch(first_line.strip())
     if m:
@@ -216,35 +262,81 @@ def _numbers_match(pred: tuple[float, str], gold: tuple[float, str], metric: Met
     return math.isclose(p, g, rel_tol=metric.rel_tol, abs_tol=metric.abs_tol)
 
 
-def strict_score(prediction: str | None, answer: str, metric: MetricLike = None) -> float:
-    """1.0 if the prediction is right under the strict rules (module docstring), else 0.0."""
-    metric = as_metric(metric)
-    if metric.name != ACCURACY:
-        raise ValueError(f"{metric.name} is a split-level metric; use score_split")
-    if prediction is None or not prediction.strip():
-        return 0.0
+GoldAnswer = str | Sequence[str]
+
+
+class AcceptedAnswers(str):
+    """A gold answer with several accepted strings (a dataset row whose answer is a list).
+
+    As a ``str`` it is the first accepted string: the training target. The scorers count a prediction right
+    when it matches any of ``accepted``. Built by ``lime.data.mmt47.answer_value``; pickles (DataLoader workers).
+    """
+
+    accepted: tuple[str, ...]
+
+    def __new__(cls, accepted: Sequence[str]) -> AcceptedAnswers:
+        accepted = tuple(accepted)
+        if not accepted or not all(isinstance(a, str) for a in accepted):
+            raise TypeError(f"accepted answers must be a non-empty sequence of strings, got {accepted!r}")
+        answers = super().__new__(cls, accepted[0])
+        answers.accepted = accepted
+        return answers
+
+    def __getnewargs__(self) -> tuple[tuple[str, ...]]:
+        return (self.accepted,)
+
+    def __repr__(self) -> str:
+        return f"AcceptedAnswers({list(self.accepted)!r})"
+
+
+def accepted_answers(answer: GoldAnswer) -> tuple[str, ...]:
+    """Every accepted string of a gold answer: a string, a list / tuple of strings, or ``AcceptedAnswers``."""
+    if isinstance(answer, AcceptedAnswers):
+        return answer.accepted
+    if isinstance(answer, str):
+        return (answer,)
+    if isinstance(answer, list | tuple) and answer and all(isinstance(a, str) for a in answer):
+        return tuple(answer)
+    raise TypeError(f"a gold answer is a string or a non-empty list of strings, got {answer!r}")
+
+
+def _strict_one(prediction: str, answer: str, metric: MetricSpec) -> bool:
     letter = answer_letter(answer)
     if letter is not None:
-        return float(extract_choice(prediction) == letter)
+        return extract_choice(prediction) == letter
     gold = parse_number(answer)
     if gold is not None:
         pred = parse_number(prediction)
-        return float(pred is not None and _numbers_match(pred, gold, metric))
-    pred_text = normalize(strip_answer_prefix(prediction))
-    return float(bool(pred_text) and pred_text == normalize(answer))
+        return pred is not None and _numbers_match(pred, gold, metric)
+    pred_text = normalize(strip_answer_prefix(strip_markdown(prediction)))
+    return bool(pred_text) and pred_text == normalize(answer)
 
 
-def lenient_score(prediction: str | None, answer: str, metric: MetricLike = None) -> float:
-    """REFERENCE MODE, never the default: the released scorer's rule. Lowercase + strip, then correct if
-    ``pred == answer or pred in answer or answer in pred`` -- so an empty prediction counts as correct.
-    ``None`` (a failed generation, which the released code never saw) is wrong."""
+def _accuracy_metric(metric: MetricLike) -> MetricSpec:
     metric = as_metric(metric)
     if metric.name != ACCURACY:
         raise ValueError(f"{metric.name} is a split-level metric; use score_split")
+    return metric
+
+
+def strict_score(prediction: str | None, answer: GoldAnswer, metric: MetricLike = None) -> float:
+    """1.0 if the prediction is right under the strict rules (module docstring) for any accepted answer."""
+    metric = _accuracy_metric(metric)
+    if prediction is None or not prediction.strip():
+        return 0.0
+    return float(any(_strict_one(prediction, gold, metric) for gold in accepted_answers(answer)))
+
+
+def lenient_score(prediction: str | None, answer: GoldAnswer, metric: MetricLike = None) -> float:
+    """REFERENCE MODE, never the default: the released scorer's rule. Lowercase + strip, then correct if
+    ``pred == answer or pred in answer or answer in pred`` (for any accepted answer) -- so an empty prediction
+    counts as correct. ``None`` (a failed generation, which the released code never saw) is wrong."""
+    _accuracy_metric(metric)
     if prediction is None:
         return 0.0
-    pred, gold = prediction.strip().lower(), answer.strip().lower()
-    return float(pred == gold or pred in gold or gold in pred)
+    pred = prediction.strip().lower()
+    golds = [gold.strip().lower() for gold in accepted_answers(answer)]
+    return float(any(pred == gold or pred in gold or gold in pred for gold in golds))
 
 
 _SAMPLE_SCORERS = {"strict": strict_score, "lenient": lenient_score}
@@ -291,7 +383,7 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return pearson(_ranks(xs), _ranks(ys))
 
 
-def score_regression(predictions: Sequence[str | None], answers: Sequence[str], metric: MetricLike) -> dict:
+def score_regression(predictions: Sequence[str | None], answers: Sequence[GoldAnswer], metric: MetricLike) -> dict:
     """Pearson and Spearman x 100 over a split (STS-B). The same under both scorers.
 
     An unparseable prediction (or ``None``) is kept as ``REGRESSION_FALLBACK`` and counted in ``failures``.
@@ -300,7 +392,10 @@ def score_regression(predictions: Sequence[str | None], answers: Sequence[str], 
     metric = as_metric(metric)
     gold = []
     for i, answer in enumerate(answers):
-        parsed = parse_number(answer)
+        accepted = accepted_answers(answer)
+        if len(accepted) > 1:
+            raise ValueError(f"regression answer {i} lists several answers {list(accepted)}; it needs one number")
+        parsed = parse_number(accepted[0])
         if parsed is None:
             raise ValueError(f"regression answer {i} is not a number: {answer!r}")
         gold.append(parsed[0])
@@ -327,7 +422,7 @@ def score_regression(predictions: Sequence[str | None], answers: Sequence[str], 
 
 def score_split(
     predictions: Sequence[str | None],
-    answers: Sequence[str],
+    answers: Sequence[GoldAnswer],
     metric: MetricLike = None,
     scorer: str = "strict",
 ) -> dict:
@@ -358,177 +453,6 @@ def score_split(
     }
 
 
-def score_both(predictions: Sequence[str | None], answers: Sequence[str], metric: MetricLike = None) -> dict:
+def score_both(predictions: Sequence[str | None], answers: Sequence[GoldAnswer], metric: MetricLike = None) -> dict:
     """``{"strict": score_split(...), "lenient": score_split(...)}`` for the same predictions."""
     return {name: score_split(predictions, answers, metric, scorer=name) for name in SCORERS}
-
-
-# --------------------------------------------------------------------------------------------------------
-# Aggregation
-# --------------------------------------------------------------------------------------------------------
-
-
-def _mean(values: Sequence[float]) -> float:
-    return math.fsum(values) / len(values)
-
-
-def aggregate(
-    task_scores: Mapping[str, float], categories: Mapping[str, Sequence[str]], strict: bool = False
-) -> dict:
-    """Per-category unweighted means of task scores and two overall means.
-
-    Returns ``{"categories": {cat: {"score", "mean_of_present_tasks", "tasks", "missing", "complete"}},
-    "overall": {"mean_of_categories", "mean_of_tasks", "complete", "missing"}, "uncategorised": [...]}``.
-    ``mean_of_categories`` averages the category scores (each category weighs the same);
-    ``mean_of_tasks`` averages every categorised task (each task weighs the same).
-    A category missing a task gets ``score: None`` -- never a mean over fewer tasks -- and lists the missing
-    tasks; ``mean_of_present_tasks`` is there for a caller who decides to use it. Overall means are None
-    unless every category is complete. ``strict=True`` raises IncompleteResultsError instead.
-    Tasks scored but in no category are listed in ``uncategorised`` and left out of the means."""
-    for task, score in task_scores.items():
-        if not math.isfinite(score):
-            raise ValueError(f"task {task!r} has a non-finite score {score}")
-    per_category, missing_all = {}, []
-    for name, tasks in categories.items():
-        if not tasks:
-            raise ValueError(f"category {name!r} has no tasks")
-        present = [t for t in tasks if t in task_scores]
-        missing = [t for t in tasks if t not in task_scores]
-        missing_all += [t for t in missing if t not in missing_all]
-        per_category[name] = {
-            "score": None if missing else _mean([task_scores[t] for t in tasks]),
-            "mean_of_present_tasks": _mean([task_scores[t] for t in present]) if present else None,
-            "tasks": list(tasks),
-            "missing": missing,
-            "complete": not missing,
-        }
-    if strict and missing_all:
-        incomplete = {c: v["missing"] for c, v in per_category.items() if v["missing"]}
-        raise IncompleteResultsError(f"missing task scores per category: {incomplete}")
-    all_tasks = list(dict.fromkeys(t for tasks in categories.values() for t in tasks))
-    complete = not missing_all
-    return {
-        "categories": per_category,
-        "overall": {
-            "mean_of_categories": _mean([c["score"] for c in per_category.values()]) if complete else None,
-            "mean_of_tasks": _mean([task_scores[t] for t in all_tasks]) if complete else None,
-            "complete": complete,
-            "missing": missing_all,
-        },
-        "uncategorised": [t for t in task_scores if t not in all_tasks],
-    }
-
-
-# --------------------------------------------------------------------------------------------------------
-# Result files
-# --------------------------------------------------------------------------------------------------------
-
-CSV_FIELDS = (
-    "level", "split", "task", "category", "metric", "score", "samples", "failures", "missing", "scorer"
-)
-_EXTRA_TASK_KEYS = ("pearson", "spearman", "num_correct", "fallback", "degenerate")
-
-
-def _task_entry(task: str, value: float | Mapping, sample_counts: Mapping[str, int]) -> dict:
-    """One task's record from either a bare score or a ``score_split`` dict (+ ``sample_counts``)."""
-    info = dict(value) if isinstance(value, Mapping) else {"score": value}
-    samples = info.get("samples", sample_counts.get(task))
-    if samples is None:
-        raise ValueError(f"no sample count for task {task!r}: pass it in sample_counts or the score dict")
-    if task in sample_counts and sample_counts[task] != samples:
-        raise ValueError(f"task {task!r}: sample_counts says {sample_counts[task]}, the score dict {samples}")
-    entry = {
-        "split": info.get("split", task),
-        "metric": info.get("metric", ACCURACY),
-        "score": float(info["score"]),
-        "samples": int(samples),
-        "failures": int(info.get("failures", 0)),
-    }
-    entry.update({k: info[k] for k in _EXTRA_TASK_KEYS if k in info})
-    return entry
-
-
-def _scorer_block(per_task: Mapping, categories: Mapping[str, Sequence[str]], sample_counts: Mapping) -> dict:
-    tasks = {task: _task_entry(task, value, sample_counts) for task, value in per_task.items()}
-    summary = aggregate({t: e["score"] for t, e in tasks.items()}, categories)
-    for task, entry in tasks.items():
-        entry["category"] = ";".join(c for c, members in categories.items() if task in members)
-    for cat in summary["categories"].values():
-        cat["samples"] = sum(tasks[t]["samples"] for t in cat["tasks"] if t in tasks)
-    summary["overall"]["samples"] = sum(e["samples"] for e in tasks.values())
-    return {"tasks": tasks, **summary}
-
-
-def _csv_rows(block: dict, scorer: str) -> list[dict]:
-    rows = [
-        {"level": "task", "task": task, "scorer": scorer, "missing": "",
-         **{k: e[k] for k in ("split", "category", "metric", "score", "samples", "failures")}}
-        for task, e in block["tasks"].items()
-    ]
-    for name, cat in block["categories"].items():
-        rows.append({"level": "category", "category": name, "metric": "mean_of_tasks", "score": cat["score"],
-                     "samples": cat["samples"], "missing": ";".join(cat["missing"]), "scorer": scorer})
-    overall = block["overall"]
-    for metric in ("mean_of_categories", "mean_of_tasks"):
-        rows.append({"level": "overall", "metric": metric, "score": overall[metric], "scorer": scorer,
-                     "samples": overall["samples"], "missing": ";".join(overall["missing"])})
-    return rows
-
-
-def write_results(
-    run_dir: str | Path,
-    per_task: Mapping[str, float | Mapping],
-    categories: Mapping[str, Sequence[str]],
-    scorer: str,
-    sample_counts: Mapping[str, int] | None = None,
-    other_scorers: Mapping[str, Mapping[str, float | Mapping]] | None = None,
-) -> dict:
-    """Write ``results.json`` and ``results.csv`` into ``run_dir``; return what was written to the JSON.
-
-    ``per_task`` maps a task to its score or to its ``score_split`` dict (which carries samples, failures,
-    metric and, optionally, ``split``). ``other_scorers`` (e.g. ``{"lenient": per_task_lenient}``) adds the
-    same tables under ``results.json["other_scorers"]`` and as extra CSV rows with their scorer name.
-    Incomplete categories are written with a null score (empty in the CSV) and their missing tasks."""
-    for name in (scorer, *(other_scorers or {})):
-        if name not in SCORERS:
-            raise ValueError(f"scorer must be one of {SCORERS}, got {name!r}")
-    sample_counts = sample_counts or {}
-    results = {"scorer": scorer, **_scorer_block(per_task, categories, sample_counts)}
-    if scorer == "lenient":
-        results["warning"] = LENIENT_WARNING
-    rows = _csv_rows(results, scorer)
-    if other_scorers:
-        results["other_scorers"] = {}
-        for name, scores in other_scorers.items():
-            results["other_scorers"][name] = _scorer_block(scores, categories, sample_counts)
-            rows += _csv_rows(results["other_scorers"][name], name)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # allow_nan=False: a NaN would make the file invalid JSON for other readers; aggregate already refuses it.
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    with open(run_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="")
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    return results
-
-
-PREDICTION_FIELDS = ("question", "answer", "prediction", "correct")
-
-
-def write_predictions(run_dir: str | Path, split: str, rows: Iterable[Mapping]) -> Path:
-    """Write ``predictions/<split>.jsonl``: one JSON object per sample with question, answer, prediction,
-    correct first (all required), then any extra keys the caller added (e.g. ``lenient_correct``)."""
-    if not split or "/" in split or "\\" in split or split.startswith("."):
-        raise ValueError(f"split name must be a plain file name, got {split!r}")
-    path = Path(run_dir) / "predictions" / f"{split}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for i, row in enumerate(rows):
-            missing = [k for k in PREDICTION_FIELDS if k not in row]
-            if missing:
-                raise ValueError(f"prediction row {i} of {split} lacks {missing}")
-            extra = {k: v for k, v in row.items() if k not in PREDICTION_FIELDS}
-            record = {k: row[k] for k in PREDICTION_FIELDS} | extra
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path

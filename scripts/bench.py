@@ -32,12 +32,14 @@ wrapped for every method, so every method runs exactly the same frozen model on 
   costs with the frozen MLP, attention and LM head, identical for every method; this isolates it.
 
 Methods: `base` (the floor), `lora`, `dora`, `lime_lora` (auto selection), `lime_lora_topk` (k = 2),
-`lime_lora_ngram2`, `lime_dora`, and the MoE-PEFT baselines `moe_lora`, `moe_dora`, `hydralora`, `mixlora`
-(learned router, top-2, as configs/routing/moe.yaml). On request: `--with-reference` adds LiME's plain path
-(`*_reference`: `LiMELinear.reference_forward`, ẑ and P built at full width) and `--with-compiled` LiME with
-every LiMELinear under `torch.compile` (`*_compiled`; `--compile` compiles every LiME method). On the CPU
-compiling did not help (training within noise of eager, decoding slower from guard overhead), so nothing in
-the library compiles by default.
+`lime_lora_ngram2`, `lime_dora`, and the MoE-PEFT baselines `moe_lora`, `moe_dora`, `hydralora`, `mixlora`;
+`--methods` takes any configs/peft preset by name. Every method is its configs/peft preset composed as
+train.py composes it (the MoE baselines with configs/routing/moe.yaml: learned router, top-2, τ = 1, no jitter),
+with the benchmark's --targets, --rank and --experts: what is benchmarked is what trains. On request:
+`--with-reference` adds LiME's plain path (`*_reference`: `LiMELinear.reference_forward`, ẑ and P built at full
+width) and `--with-compiled` LiME with every LiMELinear under `torch.compile` (`*_compiled`; `--compile`
+compiles every LiME method). On the CPU compiling did not help (training within noise of eager, decoding slower
+from guard overhead), so nothing in the library compiles by default.
 
 Timing: `--warmup` untimed steps per method, then `--repeats` rounds; each round times one step of every
 method (in a rotated order), so that load from other processes hits all methods alike; the reported number is
@@ -62,6 +64,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,32 +74,38 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lime  # noqa: E402
+from lime import presets, registry  # noqa: E402
 from lime.config import LiMEConfig  # noqa: E402
 from lime.inject import matches_target  # noqa: E402
 
-MOE_ROUTING = {"router": "learned", "selection": "topk", "top_k": 2}  # configs/routing/moe.yaml
-# name -> LiMEConfig keyword arguments (None: the frozen base, no adapter).
-METHODS: dict[str, dict[str, Any] | None] = {
+
+@dataclass(frozen=True)
+class Spec:
+    """A benchmarked method: a configs/peft preset composed as train.py composes it (its routing group
+    included), plus command-line style overrides and how LiME layers run."""
+
+    preset: str
+    overrides: tuple[str, ...] = ()
+    fused: bool = True  # False: LiME's plain path (`LiMELinear.reference_forward`)
+    compile: bool = False  # every LiMELinear under torch.compile
+
+
+# name -> Spec (None: the frozen base, no adapter). Every configs/peft preset is a method under its own name.
+METHODS: dict[str, Spec | None] = {
     "base": None,
-    "lora": {"method": "plain", "variant": "lora"},
-    "dora": {"method": "plain", "variant": "dora"},
-    "lime_lora": {"method": "lime", "variant": "lora"},
-    "lime_lora_topk": {"method": "lime", "variant": "lora", "routing": {"selection": "topk", "top_k": 2}},
-    "lime_lora_ngram2": {"method": "lime", "variant": "lora", "routing": {"n_gram": 2}},
-    "lime_dora": {"method": "lime", "variant": "dora"},
-    "moe_lora": {"method": "moe", "variant": "lora", "routing": MOE_ROUTING},
-    "moe_dora": {"method": "moe", "variant": "dora", "routing": MOE_ROUTING},
-    "hydralora": {"method": "hydralora", "variant": "lora", "routing": MOE_ROUTING},
-    "mixlora": {"method": "mixlora", "variant": "lora", "routing": MOE_ROUTING},
+    **{name: Spec(name) for name in presets.peft_presets()},
+    "lime_lora_topk": Spec("lime_lora", ("routing.selection=topk", "routing.top_k=2")),
+    "lime_lora_ngram2": Spec("lime_lora", ("routing.n_gram=2",)),
     # LiME's plain path (`LiMELinear.reference_forward`: ẑ and P built at full width), for comparison.
-    "lime_lora_reference": {"method": "lime", "variant": "lora", "fused": False},
-    "lime_dora_reference": {"method": "lime", "variant": "dora", "fused": False},
+    "lime_lora_reference": Spec("lime_lora", fused=False),
+    "lime_dora_reference": Spec("lime_dora", fused=False),
     # LiME with every LiMELinear under torch.compile (as --compile does for all LiME methods).
-    "lime_lora_compiled": {"method": "lime", "variant": "lora", "compile": True},
-    "lime_dora_compiled": {"method": "lime", "variant": "dora", "compile": True},
+    "lime_lora_compiled": Spec("lime_lora", compile=True),
+    "lime_dora_compiled": Spec("lime_dora", compile=True),
 }
 EXTRA = ("_reference", "_compiled")
-DEFAULT_METHODS = [name for name in METHODS if not name.endswith(EXTRA)]
+DEFAULT_METHODS = ["base", "lora", "dora", "lime_lora", "lime_lora_topk", "lime_lora_ngram2", "lime_dora", "moe_lora",
+                   "moe_dora", "hydralora", "mixlora"]
 # (ratio key, metric, numerator method, denominator method)
 RATIOS = [
     ("step_time_ratio_lime_lora_vs_lora", "step_time_s", "lime_lora", "lora"),
@@ -183,10 +192,11 @@ def build_base(args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
-def lime_config(args: argparse.Namespace, spec: dict[str, Any]) -> LiMEConfig:
-    spec = {k: v for k, v in spec.items() if k not in ("fused", "compile")}
-    return LiMEConfig.from_dict({"targets": tuple(args.targets.split(",")), "rank": args.rank,
-                                 "num_experts": args.experts, **spec})
+def lime_config(args: argparse.Namespace, spec: Spec) -> LiMEConfig:
+    """The preset's config from configs/ (peft and routing groups), with the benchmark's targets, r and E."""
+    cfg = presets.compose([f"peft={spec.preset}", *spec.overrides, f"peft.targets=[{args.targets}]",
+                           f"peft.rank={args.rank}", f"peft.num_experts={args.experts}"])
+    return presets.lime_config(cfg)
 
 
 def synchronize(device: torch.device) -> None:
@@ -210,13 +220,14 @@ class Runner:
                 if isinstance(module, nn.Linear) and any(matches_target(name, t) for t in targets):
                     module.register_forward_hook(_floor_hook)
         else:
-            lime.apply_lime(self.model, lime_config(args, self.spec))
+            config = lime_config(args, self.spec)
+            lime.apply_lime(self.model, config)
             for module in self.model.modules():
                 if isinstance(module, lime.LiMELinear):
-                    module.fused = self.spec.get("fused", True)
-            if args.compile or self.spec.get("compile"):
+                    module.fused = self.spec.fused
+            if args.compile or self.spec.compile:
                 compile_lime_layers(self.model)
-        self.routed = self.spec is not None and self.spec["method"] != "plain"
+        self.routed = self.spec is not None and registry.METHODS[config.method].routed
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4) if self.trainable else None
         g = torch.Generator().manual_seed(args.seed + 1)
@@ -382,9 +393,7 @@ class LayerRunner:
     """
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
-        from lime.adapters import build_adapter
         from lime.context import TextContext
-        from lime.inject import LAYER_BUILDERS
 
         self.spec, self.clock, self.device = METHODS[name], CLOCKS[args.clock], torch.device(args.device)
         dtype = getattr(torch, args.dtype)
@@ -397,13 +406,10 @@ class LayerRunner:
             self.train_mask = torch.ones(args.batch, args.seq, dtype=torch.bool, device=self.device)
             self.decode_mask = torch.ones(args.batch, args.prompt + 1, dtype=torch.bool, device=self.device)
             self.context = context = TextContext(mask=self.train_mask)
-            if config.method == "plain":
-                self.layer = lime.PEFTLinear(base, build_adapter(base, config))
-            else:
-                self.layer = LAYER_BUILDERS[config.method](base, config, context)
+            self.layer = registry.METHODS[config.method].layer(base, config, context)
             if isinstance(self.layer, lime.LiMELinear):
-                self.layer.fused = self.spec.get("fused", True)
-                if args.compile or self.spec.get("compile"):
+                self.layer.fused = self.spec.fused
+                if args.compile or self.spec.compile:
                     self.layer.compile()
             with torch.no_grad():  # trained-looking adapters (B = 0 at init would make some work trivially 0)
                 for p in self.layer.parameters():
@@ -414,7 +420,7 @@ class LayerRunner:
         self.x = torch.randn(args.batch, args.seq, args.hidden, generator=g).to(self.device, dtype)
         self.grad = torch.randn(args.batch, args.seq, args.hidden, generator=g).to(self.device, dtype)
         self.token = self.x[:, :1].clone()
-        self.routed = self.spec is not None and self.spec["method"] != "plain"
+        self.routed = self.spec is not None and registry.METHODS[config.method].routed
         self.decode_calls = 100
 
     def step(self) -> None:

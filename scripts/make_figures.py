@@ -4,7 +4,7 @@
     python scripts/make_figures.py multirun/ablations --out reports/figures --paper
 
 Panels are chosen by each run's experiment name (efficiency, ablation_gamma, ablation_ngram, ...; see
-lime/report/figures.py PANELS) or, for unnamed runs, by the key their overrides sweep. Failed, unfinished
+lime/report/ablations.py PANELS) or, for unnamed runs, by the key their overrides sweep. Failed, unfinished
 or incomplete runs are listed (stdout, excluded_runs.md) and left out. --paper overlays the paper's values.
 """
 

@@ -6,9 +6,10 @@
 
 Every run directory below the given paths is read. Failed, unfinished or incomplete runs (status not
 "completed", no results.json, or a category missing tasks) are listed on stdout and in excluded_runs.md and
-left out of every mean. Override keys that vary within a group (a sweep's key) are added to --group-by, so
-different settings are never averaged as seeds. --paper adds the paper's published row under each of our
-methods, labelled "(paper)".
+left out of every mean; so are copies of a run already counted (the same adapter, by sha256: a training run,
+its eval run and its resumed run are one seed). Eval runs are labelled by the adapter they evaluated. Override
+keys that vary within a group (a sweep's key) are added to --group-by, so different settings are never averaged
+as seeds. --paper adds the paper's published row under each of our methods, labelled "(paper)".
 """
 
 from __future__ import annotations

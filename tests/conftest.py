@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+import tests.toy_methods  # noqa: F401  (registers the toy variant and MoE baseline: CONTRIBUTING.md's examples)
 from lime import models
 from lime.data.processors import example_inputs
 
@@ -57,3 +58,11 @@ def model_cfg():
 def make_inputs():
     """``make_inputs(processor, batch_size=2, media="image", seed=0, generation=False)`` -> BatchFeature."""
     return example_inputs
+
+
+@pytest.fixture(scope="session")
+def image_batch(tiny_llava) -> dict:
+    """Two right-padded samples with one image each for the tiny LLaVA-OV, labels on the real tokens."""
+    batch = dict(example_inputs(tiny_llava[1], batch_size=2))
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch

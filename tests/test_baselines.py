@@ -1,8 +1,8 @@
 """The PEFT baselines of SPEC section 4: plain LoRA/DoRA/LoRA-FA/SliceFine/prompt tuning and the MoE-PEFT layers.
 
-Parameter counts on the meta device (SPEC section 5), identity at init, the MoE layer against the plain method
-and against a naive per-token loop, HF peft parity, cached decoding, and a few training steps with save/load
-for every `configs/peft/*.yaml`.
+Parameter counts on the meta device (SPEC section 5), the configs/peft presets, the MoE layer against the plain
+method and against a naive per-token loop, HF peft parity and cached decoding. Identity at init and a few
+training steps with save/load run for every registered method in tests/test_methods.py.
 """
 
 from __future__ import annotations
@@ -21,20 +21,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import lime
-from lime import models
+from lime import models, presets, registry
 from lime.adapters import build_adapter
 from lime.config import PEFT_GROUP_EXTRAS
 from lime.context import TextContext
-from lime.data.processors import example_inputs
 from lime.inject import lime_modules
 from lime.layer import PEFTLinear
 from lime.moe import MoELinear
+from tests.registered import composed_preset, preset_pairs
 from tests.tiny import tiny_causal_lm
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PLAIN = ["lora", "dora", "lora_fa", "slicefine", "prompt"]
-ROUTED = ["moe_lora", "moe_dora", "moe_lora_fa", "mola", "hydralora", "mixlora"]
-ALL = PLAIN + ROUTED
+METHOD_OF = {name: method for (method, _), name in preset_pairs().items()}
+PLAIN = [name for name in presets.peft_presets() if METHOD_OF[name] == "plain"]
+ROUTED = [name for name in presets.peft_presets() if registry.METHODS[METHOD_OF[name]].routing_group == "moe"]
 
 # SPEC section 5 (and the per-layer formulas of section 4 where SPEC gives no total):
 # LLaVA-OV-7B, q,k,v,o,out_proj in both towers (216 layers); LLaVA-OV-0.5B, LM-only q,k,v,o (96 layers).
@@ -67,14 +67,6 @@ def peft_config(name: str, model: str = "tiny_llava_ov", *overrides: str) -> lim
                                        OmegaConf.to_container(cfg.routing, resolve=True))
 
 
-@pytest.fixture(scope="module")
-def image_batch(tiny_llava) -> dict:
-    """Two right-padded samples with one image each, labels on the real tokens."""
-    batch = dict(example_inputs(tiny_llava[1], batch_size=2))
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return batch
-
-
 def wrapped(base: nn.Module, config: lime.LiMEConfig) -> nn.Module:
     return lime.apply_lime(copy.deepcopy(base), config)
 
@@ -92,14 +84,14 @@ def perturb(model: nn.Module, seed: int = 0) -> None:
 # --- configs and parameter counts --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", presets.peft_presets())
 def test_peft_config_composes(name: str) -> None:
     assert (CONFIGS / "peft" / f"{name}.yaml").read_text().startswith(f"# python train.py peft={name}\n")
     cfg = compose(name)
     fields = {f.name for f in dataclasses.fields(lime.LiMEConfig)}
-    assert set(cfg.peft) - fields == set(PEFT_GROUP_EXTRAS)  # every LiMEConfig key is spelled out
+    assert set(cfg.peft) - fields == set(PEFT_GROUP_EXTRAS)  # every LiMEConfig key is present after composition
     assert cfg.peft.name == name
-    assert cfg.peft.peft_lr == (2e-4 if name in ("dora", "prompt", "moe_dora") else 4e-4)
+    assert cfg.peft.peft_lr == (2e-4 if cfg.peft.variant in ("dora", "prompt") else 4e-4)
     assert cfg.peft.moe_lr == 1e-3
     config = peft_config(name)
     assert config.targets == tuple(cfg.model.targets)
@@ -108,6 +100,33 @@ def test_peft_config_composes(name: str) -> None:
         assert (config.num_experts, config.rank) == (4, 2)
     else:
         assert config.routing.router == "zero_param"
+
+
+def peft_file(name: str) -> dict:
+    """A configs/peft file's own keys, interpolations unresolved."""
+    values = OmegaConf.to_container(OmegaConf.load(CONFIGS / "peft" / f"{name}.yaml"), resolve=False)
+    values.pop("defaults", None)
+    return values
+
+
+def test_peft_base_holds_the_dataclass_defaults() -> None:
+    """configs/peft/_base.yaml: every LiMEConfig key (but routing) with the dataclass's default value."""
+    base = peft_file("_base")
+    defaults = {f.name: f.default for f in dataclasses.fields(lime.LiMEConfig) if f.name != "routing"}
+    assert set(base) - set(defaults) == set(PEFT_GROUP_EXTRAS)
+    defaults["targets"] = "${model.targets}"  # the model's own target list, not the dataclass's
+    for key, default in defaults.items():
+        assert base[key] == default, key
+
+
+@pytest.mark.parametrize("name", presets.peft_presets())
+def test_peft_files_state_only_what_differs(name: str) -> None:
+    """A preset's own keys all differ from the base; every other key composes to the base's value."""
+    own, base = peft_file(name), peft_file("_base")
+    assert {key for key, value in own.items() if base[key] == value} == set(), name
+    composed = OmegaConf.to_container(composed_preset(name).peft, resolve=False)
+    assert set(composed) == set(base)
+    assert {key: composed[key] for key in set(base) - set(own)} == {key: base[key] for key in set(base) - set(own)}
 
 
 def test_primary_config_selects_moe_routing() -> None:
@@ -125,7 +144,7 @@ def meta_models(model_cfg) -> dict[str, nn.Module]:
     return {name: models.build(model_cfg(name), device="meta")[0] for name in ("llava_ov_7b", "llava_ov_0.5b")}
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", EXPECTED_COUNTS)
 def test_parameter_counts_match_spec(name: str, meta_models) -> None:
     seven_b, half_b = EXPECTED_COUNTS[name]
     model = wrapped(meta_models["llava_ov_7b"], peft_config(name, "llava_ov_7b"))
@@ -163,16 +182,6 @@ def test_layer_count_is_the_formula(name: str, d_in: int, d_out: int, e: int, r:
 
 def inputs_of(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
-
-
-@pytest.mark.parametrize("name", [n for n in ALL if n != "prompt"])  # prompts change the input by design
-def test_identity_at_init(name: str, tiny_llava, image_batch) -> None:
-    base = tiny_llava[0]
-    with torch.no_grad():
-        reference = base(**inputs_of(image_batch)).logits
-        model = wrapped(base, peft_config(name))
-        assert any(isinstance(m, MoELinear) for m in model.modules()) == (name in ROUTED)
-        torch.testing.assert_close(model(**inputs_of(image_batch)).logits, reference, rtol=0, atol=1e-6)
 
 
 # (config, the plain variant it reduces to with one expert)
@@ -321,33 +330,3 @@ def test_prompt_tuning_matches_hf_peft() -> None:
         got = ours(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
-
-
-# --- training and checkpoints -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_trains_and_round_trips(name: str, tiny_llava, image_batch, tmp_path: Path) -> None:
-    base = tiny_llava[0]
-    model = wrapped(base, peft_config(name)).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    torch.manual_seed(6)
-    losses = []
-    for _ in range(5):
-        loss = model(**image_batch).loss
-        losses.append(loss.item())
-        if name in ROUTED:  # LiME's balance losses, over every routed layer of both towers
-            loss = loss + lime.balance_loss(model, importance_weight=0.1, kl_weight=0.01)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert losses[-1] < losses[0], losses
-    if name in ROUTED:
-        assert lime.routing_summary(model)["routing/experts_per_token"] == 2.0
-
-    model.eval()
-    with torch.no_grad():
-        expected = model(**inputs_of(image_batch)).logits
-        lime.save_adapter(model, tmp_path / "adapter")
-        loaded = lime.load_adapter(copy.deepcopy(base), tmp_path / "adapter").eval()
-        assert torch.equal(loaded(**inputs_of(image_batch)).logits, expected)

@@ -1,12 +1,15 @@
 """Adapters on disk: round trips, refusals with a message naming the problem, atomic writes."""
 
+import hashlib
 import json
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lime
+from lime import checkpoint
 from lime.checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterError, atomic_directory
 from lime.config import LiMEConfig
 from tests.tiny import copy_of, left_padded_batch, perturb_trainable, tiny_causal_lm
@@ -120,3 +123,155 @@ def test_interrupted_write_leaves_the_previous_adapter(tmp_path):
     with atomic_directory(target) as tmp:
         (tmp / "new.txt").write_text("done")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+
+
+# --- integrity: every tampering refused, naming file and tensor, and a refused load changes nothing ----------
+
+
+def snapshot(model):
+    """Everything a load could change: tensors (bit for bit), module types, trainability, LiME attributes."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return (state, [(n, type(m)) for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()], hasattr(model, "lime_config"))
+
+
+def assert_unchanged(model, before):
+    state, types, grads, has_lime = snapshot(model)
+    assert (types, grads, has_lime) == before[1:]
+    assert state.keys() == before[0].keys()
+    assert all(torch.equal(state[k], before[0][k]) for k in state)
+
+
+def rewrite_tensors(directory, edit):
+    """Apply `edit(tensors)` to the weights file, leaving adapter_config.json (and its checksums) as saved."""
+    tensors = load_file(directory / WEIGHTS_NAME)
+    edit(tensors)
+    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def edit_config(directory, edit):
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    edit(meta)
+    (directory / CONFIG_NAME).write_text(json.dumps(meta))
+
+
+KEY = "model.layers.1.self_attn.v_proj.expert_vectors"
+
+
+def write_nan(directory):
+    rewrite_tensors(directory, lambda t: t[KEY].view(-1).__setitem__(3, float("nan")))
+
+
+def flip_data_byte(directory):
+    """Flip one bit of one byte inside KEY's data (the header is untouched: the file still parses)."""
+    weights = directory / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8:header])[KEY]["data_offsets"]
+    data[header + start + 1] ^= 0x01  # a low mantissa bit of the first value: still finite, a different number
+    weights.write_bytes(bytes(data))
+
+
+def restore_as_f16(directory):
+    rewrite_tensors(directory, lambda t: t.__setitem__(KEY, t[KEY].half()))
+
+
+def forge_f16_with_its_manifest(directory):
+    """F16 re-store whose manifest entry is rewritten to match: refused by the dtype the config implies."""
+    restore_as_f16(directory)
+    tensor = load_file(directory / WEIGHTS_NAME)[KEY]
+    edit_config(directory, lambda m: m["tensors"][KEY].update(dtype="F16", sha256=checkpoint.tensor_sha256(tensor)))
+
+
+def drop_wrapped_module(directory):
+    edit_config(directory, lambda m: m["wrapped_modules"].pop())
+
+
+def rename_wrapped_module(directory):
+    edit_config(directory, lambda m: m["wrapped_modules"].__setitem__(0, "model.layers.0.mlp.up_proj"))
+
+
+def drop_tensor(directory):
+    rewrite_tensors(directory, lambda t: t.pop(KEY))
+
+
+def add_tensor(directory):
+    rewrite_tensors(directory, lambda t: t.__setitem__("model.layers.0.mlp.up_proj.expert_vectors", torch.ones(2)))
+
+
+def change_shape(directory):
+    rewrite_tensors(directory, lambda t: t.__setitem__(KEY, torch.zeros(t[KEY].shape[0], t[KEY].shape[1] + 1)))
+
+
+def truncate(directory):
+    data = (directory / WEIGHTS_NAME).read_bytes()
+    (directory / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+
+
+def other_rank(directory):
+    edit_config(directory, lambda m: m.update(rank=m["rank"] * 2))
+
+
+TAMPERING = {
+    write_nan: rf"{WEIGHTS_NAME}: {KEY} holds 1 non-finite value",
+    flip_data_byte: rf"{WEIGHTS_NAME}: {KEY} does not match its sha256",
+    restore_as_f16: rf"{WEIGHTS_NAME}: {KEY} is stored as F16 .*records F32",
+    forge_f16_with_its_manifest: rf"{WEIGHTS_NAME}: {KEY} is stored as F16, the config's param_dtype makes it F32",
+    drop_wrapped_module: rf"{CONFIG_NAME}: wrapped_modules does not match .*wrapped but not listed: \['model\.",
+    rename_wrapped_module: rf"{CONFIG_NAME}: wrapped_modules does not match .*listed but not wrapped: "
+                           r"\['model\.layers\.0\.mlp\.up_proj'\]",
+    drop_tensor: rf"{WEIGHTS_NAME}: has no tensor for {KEY}",
+    add_tensor: rf"{WEIGHTS_NAME}: tensor model\.layers\.0\.mlp\.up_proj\.expert_vectors has no place",
+    change_shape: rf"{WEIGHTS_NAME}: {KEY} has shape",
+    truncate: rf"{WEIGHTS_NAME}: corrupt or truncated",
+    other_rank: r"shape",
+}
+
+
+@pytest.mark.parametrize("preapplied", [False, True], ids=["plain_model", "lime_applied"])
+@pytest.mark.parametrize("tamper", list(TAMPERING), ids=lambda f: f.__name__)
+def test_tampered_adapter_is_refused_and_the_model_is_left_as_it_was(tmp_path, tamper, preapplied):
+    config = LiMEConfig(variant="lora", routing=dict(n_gram=2))
+    trained = lime.apply_lime(tiny_causal_lm(), config)
+    perturb_trainable(trained)
+    lime.save_adapter(trained, tmp_path / "good")
+    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    tamper(tmp_path / "bad")
+
+    model = lime.apply_lime(tiny_causal_lm(), config) if preapplied else tiny_causal_lm()
+    before = snapshot(model)
+    pattern = TAMPERING[tamper] if tamper is not other_rank or not preapplied else "rank: adapter has 4, model has 2"
+    with pytest.raises(AdapterError, match=pattern):
+        lime.load_adapter(model, tmp_path / "bad")
+    assert_unchanged(model, before)
+
+    lime.load_adapter(model, tmp_path / "good")  # the right adapter still loads, and is the trained one
+    ids, mask = left_padded_batch([6, 3], total=6)
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                       trained(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_manifest_records_every_tensor(tmp_path):
+    directory = saved(tmp_path, LiMEConfig(variant="dora"))
+    manifest = json.loads((directory / CONFIG_NAME).read_text())["tensors"]
+    tensors = load_file(directory / WEIGHTS_NAME)
+    assert sorted(manifest) == sorted(tensors)
+    for key, tensor in tensors.items():
+        digest = hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()  # numpy: an independent path
+        assert manifest[key] == {"dtype": "F32", "shape": list(tensor.shape), "sha256": digest}
+
+
+def test_adapter_saved_without_checksums_loads_with_a_warning(tmp_path):
+    base = tiny_causal_lm()
+    trained = lime.apply_lime(copy_of(base), LiMEConfig())
+    perturb_trainable(trained)
+    lime.save_adapter(trained, tmp_path / "old")
+    edit_config(tmp_path / "old", lambda m: m.pop("tensors"))  # the format before checksums
+    with pytest.warns(UserWarning, match="without tensor checksums"):
+        model = lime.load_adapter(copy_of(base), tmp_path / "old")
+    ids, mask = left_padded_batch([5], total=5)
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                       trained(input_ids=ids, attention_mask=mask).logits)
+    write_nan(tmp_path / "old")  # the checks that need no checksum still apply
+    with pytest.warns(UserWarning), pytest.raises(AdapterError, match="non-finite"):
+        lime.load_adapter(copy_of(base), tmp_path / "old")

@@ -147,12 +147,11 @@ def test_samples_per_split_are_random_with_a_seed(mini_cfg):
     assert any(indices != [0, 1, 2] for indices in first.values())  # not "the first N"
 
 
-def test_train_split_without_task_column_is_kept_whole_with_a_warning(caplog):
+def test_train_split_without_task_column_or_rules_cannot_be_subset():  # more: test_mmt47_layout.py
     data = datasets.DatasetDict({"train": text_rows(4), "glue_test_sst2": text_rows(), "glue_test_cola": text_rows()})
-    with caplog.at_level(logging.WARNING):
-        out = mmt47.select(data, mmt47.Taxonomy.named("mmt47"), tasks=["sst2"])
-    assert sorted(out) == ["glue_test_sst2", "train"] and len(out["train"]) == 4
-    assert "no 'task' column" in caplog.text
+    with pytest.raises(mmt47.SchemaError, match="no 'task' column"):
+        mmt47.select(data, mmt47.Taxonomy.named("mmt47"), tasks=["sst2"])
+    assert len(mmt47.select(data, mmt47.Taxonomy.named("mmt47"))["train"]) == 4  # no subset: nothing to honour
 
 
 # --- generator -----------------------------------------------------------------------------------
@@ -209,10 +208,10 @@ def test_ensure_generates_once_per_setting(mini_cfg):
 
 # --- media ---------------------------------------------------------------------------------------
 
-def test_uniform_frame_sampling():
-    assert sample_indices(16, 8) == [0, 2, 4, 6, 9, 11, 13, 15]
-    assert sample_indices(8, 8) == list(range(8))
-    assert sample_indices(5, 8) == list(range(5))
+def test_uniform_frame_sampling():  # the rounding option (data.frame_sampling=round); floor: test_frame_sampling.py
+    assert sample_indices(16, 8, "round") == [0, 2, 4, 6, 9, 11, 13, 15]
+    assert sample_indices(8, 8, "round") == list(range(8))
+    assert sample_indices(5, 8, "round") == list(range(5))
 
 
 def grey_clip(n: int) -> list[np.ndarray]:
@@ -223,7 +222,7 @@ def grey_clip(n: int) -> list[np.ndarray]:
 @pytest.mark.parametrize(("length", "expected"), [(16, [0, 2, 4, 6, 9, 11, 13, 15]), (5, [0, 1, 2, 3, 4, 4, 4, 4])])
 def test_video_frames_are_sampled_uniformly_and_short_clips_padded(tmp_path, length, expected):
     write_video(tmp_path / "clip.mp4", grey_clip(length))
-    frames = load_video(tmp_path / "clip.mp4", num_frames=8)
+    frames = load_video(tmp_path / "clip.mp4", num_frames=8, sampling="round")
     assert frames.shape == (8, 32, 32, 3) and frames.dtype == np.uint8
     np.testing.assert_allclose(frames.reshape(8, -1).mean(axis=1), 10 * np.array(expected), atol=3)
 

@@ -26,20 +26,20 @@ JOBS = {
     "table2": 15 * 3, "efficiency": 10, "ablation_channels": 4 * 3, "ablation_router": 2 * 3,
     "ablation_gamma": 11 * 3, "ablation_ngram": 5 * 3, "ablation_topk": 7 * 3, "ablation_experts": 2 * 10 * 3,
     "ablation_balance": 5 * 3, "ablation_temperature": 5 * 3, "ablation_init": 5 * 3, "ablation_targets": 3 * 3,
-    "ablation_shared": 2 * 3, "ablation_layers": 5 * 3,
+    "ablation_shared": 2 * 3, "ablation_layers": 6 * 3,
 }
 
 SMALL_JOBS = {**JOBS, "ablation_layers": 2 * 3}  # the tiny model's 2 blocks: the last one, or both
 
 
-def compose_config(overrides, hydra_config=False):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+def compose_config(overrides, hydra_config=False, configs=CONFIGS):
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
-def sweep_jobs(experiment, extra=()):
+def sweep_jobs(experiment, extra=(), configs=CONFIGS):
     """The override lists of every job of `python train.py -m experiment=<name>` (Hydra's own expansion)."""
-    cfg = compose_config([f"experiment={experiment}"], hydra_config=True)
+    cfg = compose_config([f"experiment={experiment}"], hydra_config=True, configs=configs)
     params = cfg.hydra.sweeper.params or {}
     # BasicSweeper.sweep's order: the config's sweeper params, then the command line, which wins on a shared key.
     arguments = [*(f"{k}={v}" for k, v in params.items()), f"experiment={experiment}", *extra]
@@ -134,3 +134,15 @@ def test_params_efficiency_setting_is_spec_section_5():
     assert counts == {m: SPEC_05B_LM[m] for m in counts}
     one = count_params("model=llava_ov_0.5b", "peft=lime_prompt")
     assert (one["trainable"], one["base_total"]) == (22_401, 893_675_552)
+
+
+def test_paper_grids_of_the_balance_and_layer_sweeps():
+    """Fig. 9: α = β at every point; Fig. 8b: 4 ... 24 wrapped blocks, 20 included (the paper's optimum 20-24)."""
+    balance = [OmegaConf.to_container(compose_config(job), resolve=True)["trainer"]["balance"]
+               for job in sweep_jobs("ablation_balance") if "seed=0" in job]
+    assert [(b["importance"], b["kl"], b["scale"]) for b in balance] == [(c, c, 1.0) for c in
+                                                                        (0.0, 0.001, 0.01, 0.1, 1.0)]
+    layers = [OmegaConf.to_container(compose_config(job), resolve=True)["peft"]["layer_indices"]
+              for job in sweep_jobs("ablation_layers") if "seed=0" in job]
+    assert [24 if indices is None else len(indices) for indices in layers] == [4, 8, 12, 16, 20, 24]
+    assert all(indices is None or indices[-1] == 23 for indices in layers)  # always the last blocks

@@ -11,9 +11,11 @@ import lime
 from lime.config import LiMEConfig, RoutingConfig
 from lime.context import TextContext
 from lime.layer import LiMELinear
+from lime.registry import VARIANTS
+from tests.registered import linear_variants
 from tests.tiny import copy_of, left_padded_batch, perturb_trainable, tiny_causal_lm
 
-LINEAR_VARIANTS = ["lora", "dora", "lora_fa", "slicefine"]
+LINEAR_VARIANTS = linear_variants()  # every registered variant that wraps Linear layers
 
 
 def make_layer(variant="lora", seed=0, **kwargs):
@@ -30,7 +32,7 @@ def test_layer_is_its_base_at_init(variant):
     assert torch.equal(layer(x), base(x))
 
 
-@pytest.mark.parametrize("variant", LINEAR_VARIANTS)
+@pytest.mark.parametrize("variant", ["lora", "dora", "lora_fa", "slicefine"])  # the variants written out below
 def test_layer_matches_the_formula(variant):
     """h = z + ẑ ⊙ P + γ (ẑ ⊙ p_s), with ẑ, z and w̃ written out by hand."""
     base, layer = make_layer(variant, routing=dict(selection="auto", jitter=0.0))
@@ -128,12 +130,12 @@ def decode_step_by_step(model, ids, mask, prefill):
     return torch.cat(logits, dim=1)
 
 
-@pytest.mark.parametrize("variant", LINEAR_VARIANTS + ["prompt"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("n_gram", [1, 2, 3, 4])
 def test_cached_decoding_equals_full_forward(variant, n_gram):
     # LiME prompt routing reads the mean embedding of the whole input (SPEC 1.1), which a prefill of 3 tokens
     # cannot know; its prompts are fixed at the prefill. Plain prompt tuning has no such dependence.
-    method = "plain" if variant == "prompt" else "lime"
+    method = "plain" if VARIANTS[variant].build is None else "lime"
     config = LiMEConfig(variant=variant, method=method, routing=dict(n_gram=n_gram))
     model = lime.apply_lime(tiny_causal_lm(), config)
     perturb_trainable(model)

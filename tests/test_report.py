@@ -1,12 +1,13 @@
 """Tables and figures from run directories (lime/report, scripts/make_tables.py, scripts/make_figures.py).
 
 The fixture run directories are written the way train.py writes them: .hydra/config.yaml and overrides.yaml,
-run_info.json, metrics.jsonl and results.json / results.csv through lime.scoring.write_results.
+run_info.json, metrics.jsonl and results.json / results.csv through lime.results.write_results.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
@@ -19,7 +20,7 @@ import yaml
 from lime.report import paper as paper_numbers
 from lime.report.runs import find_run_dirs, load_runs, split_runs, swept_keys
 from lime.report.tables import build_rows, format_params
-from lime.scoring import write_results
+from lime.results import write_results
 from tests.scripts import load_script
 
 # The 7 categories as the data config names them (configs/data/taxonomy/mmt47.yaml), two tasks each.
@@ -283,9 +284,9 @@ def test_a_list_valued_sweep_key_groups_and_labels_its_values(tmp_path):
 @pytest.fixture
 def low_dpi(monkeypatch):
     """Smaller PNGs: the tests check that files are written, not their resolution."""
-    from lime.report import figures
+    from lime.report import plotting
 
-    monkeypatch.setattr(figures, "PNG_DPI", 60)
+    monkeypatch.setattr(plotting, "PNG_DPI", 60)
 
 
 def test_figures_for_each_panel(sweeps, tmp_path, low_dpi):
@@ -307,7 +308,7 @@ def test_figures_for_each_panel(sweeps, tmp_path, low_dpi):
 
 
 def test_layer_matrix_groups_modules_by_block():
-    from lime.report.figures import layer_matrix
+    from lime.report.ablations import layer_matrix
 
     usage = {name: [1.0, 0.0] if ".1." in name else [0.0, 1.0] for name in LAYERS}
     usage["model.vision_tower.encoder.layers.0.self_attn.out_proj"] = [0.5, 0.5]
@@ -415,7 +416,7 @@ def test_figures_series_baseline_and_categorical_panels(more_panels, tmp_path, l
 
 
 def test_panel_points(more_panels):
-    from lime.report.figures import PANELS, collect, x_order
+    from lime.report.ablations import PANELS, collect, x_order
 
     runs = load_runs([more_panels / "topk"])
     points = collect(runs, PANELS["ablation_topk"])
@@ -477,7 +478,7 @@ def test_params_column_is_the_papers_style_and_exact_when_every_row_is_tiny(tmp_
 
 
 def test_efficiency_ratios_compare_across_models_and_minutes_only_on_the_papers_model(tmp_path):
-    from lime.report import figures
+    from lime.report import efficiency
 
     seconds = {"lime_dora": (40.0, 44.0), "moe_dora": (60.0, 62.0), "lora": (30.0, 30.0)}  # seeds 0 and 1
     for method, times in seconds.items():
@@ -485,16 +486,16 @@ def test_efficiency_ratios_compare_across_models_and_minutes_only_on_the_papers_
             make_run(tmp_path / f"{method}-{seed}", method=method, seed=seed, experiment="efficiency", scores=None,
                      info={"train_time_s": time_s})
     runs = load_runs([tmp_path])
-    reference, ours, paper = figures.relative_efficiency(figures.efficiency_stats(runs))
+    reference, ours, paper = efficiency.relative_efficiency(efficiency.efficiency_stats(runs))
     assert reference == "moe_dora"
     assert ours["lime_dora"]["train_time"] == pytest.approx(42.0 / 61.0)
     assert paper["lime_dora"]["train_time"] == pytest.approx(35.5 / 50.2)  # the paper's "29 % less time"
-    assert ours["moe_dora"] == dict.fromkeys(figures.RELATIVE_FIELDS, 1.0)
+    assert ours["moe_dora"] == dict.fromkeys(efficiency.RELATIVE_FIELDS, 1.0)
     assert ours["lora"]["train_time"] is not None and paper["lora"]["train_time"] is None  # not in Fig. 2
-    assert figures._same_model_as_paper(runs, None)  # make_run's runs are on llava_ov_0.5b, as Fig. 2
+    assert efficiency.same_model_as_paper(runs, None)  # make_run's runs are on llava_ov_0.5b, as Fig. 2
     for run in runs:
         run.info["model"] = "tiny_llava_ov"
-    assert not figures._same_model_as_paper(runs, None)
+    assert not efficiency.same_model_as_paper(runs, None)
 
 
 def test_reports_name_runs_relative_to_the_working_directory(tmp_path, monkeypatch):
@@ -503,3 +504,76 @@ def test_reports_name_runs_relative_to_the_working_directory(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert shown_path(tmp_path / "multirun" / "x" / "0") == "multirun/x/0"  # the same text on any machine
     assert shown_path(Path("/elsewhere/run")) == "/elsewhere/run"
+
+
+# --------------------------------------------------------------------------------------------------------
+# One seed counted once: a training run, its eval run and its resumed run are one adapter
+# --------------------------------------------------------------------------------------------------------
+
+
+def save_adapter_bytes(run_dir: Path, data: bytes) -> str:
+    """A stand-in for the adapter a training run saves (reports hash its bytes, never load it)."""
+    (run_dir / "adapter").mkdir(parents=True, exist_ok=True)
+    (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def eval_run(path: Path, trained: Path, sha: str, seed: int, cli_method: str) -> Path:
+    """What train.py mode=eval records: the command line's peft= in .hydra, the adapter's method in run_info."""
+    info = {"mode": "eval", "method": "lime_lora", "checkpoint": str(trained / "adapter"), "adapter_sha256": sha,
+            "adapter_config": {"method": "lime", "variant": "lora", "rank": 2, "routing": {"n_gram": 1}},
+            "trainable_params": METHODS["lime_lora"], "total_params": 893_675_552 + METHODS["lime_lora"]}
+    overrides = [f"peft={cli_method}", "mode=eval", f"checkpoint={trained}"]
+    return make_run(path, method=cli_method, seed=seed, overrides=overrides, info=info,
+                    scores=all_scores("lime_lora", seed, CATEGORIES))
+
+
+def test_a_seed_is_counted_once_and_eval_runs_carry_their_adapters_method(tmp_path, capsys):
+    root = tmp_path / "runs"
+    trained = {}
+    for seed in (0, 1):
+        trained[seed] = make_run(root / "train" / str(seed), seed=seed, overrides=["peft=lime_lora"],
+                                 scores=all_scores("lime_lora", seed, CATEGORIES))
+        save_adapter_bytes(trained[seed], f"lime seed {seed}".encode())
+    moe = make_run(root / "train" / "2", method="moe_lora", overrides=["peft=moe_lora"],
+                   scores=all_scores("moe_lora", 0, CATEGORIES))
+    save_adapter_bytes(moe, b"moe seed 0")
+    sha0 = hashlib.sha256(b"lime seed 0").hexdigest()
+    # Seed 0 evaluated again with peft=moe_lora on the command line; seed 1 resumed into another directory.
+    eval_run(root / "eval" / "0", trained[0], sha0, seed=0, cli_method="moe_lora")
+    resumed = make_run(root / "resumed" / "1", seed=1, overrides=["peft=lime_lora", f"trainer.resume={trained[1]}"],
+                       scores=all_scores("lime_lora", 1, CATEGORIES))
+    save_adapter_bytes(resumed, b"lime seed 1")
+    # An eval run written before run_info recorded the adapter: found through the checkpoint it names.
+    make_run(root / "eval" / "1", seed=1, overrides=["peft=lime_lora", "mode=eval", f"checkpoint={trained[1]}"],
+             config={"mode": "eval", "checkpoint": str(trained[1])}, scores=all_scores("lime_lora", 1, CATEGORIES))
+
+    out = tmp_path / "out"
+    make_tables.main([str(root), "--out", str(out)])
+    printed = capsys.readouterr().out
+    with open(out / "table2.csv") as f:
+        rows = {r["group"]: r for r in csv.DictReader(f)}
+    assert (rows["lime_lora"]["n"], rows["moe_lora"]["n"]) == ("2", "1")  # 6 runs, 3 adapters
+    assert float(rows["moe_lora"]["trainable_params"]) == METHODS["moe_lora"]
+    mean, std = _expected("lime_lora", "GLUE")
+    assert float(rows["lime_lora"]["GLUE mean"]) == pytest.approx(mean)
+    assert float(rows["lime_lora"]["GLUE std"]) == pytest.approx(std)  # not ± 0.00 from copies
+    assert "DEDUPLICATED 3 run(s)" in printed
+    excluded = (out / "excluded_runs.md").read_text()
+    copies = {root / "eval" / "0": trained[0], root / "eval" / "1": trained[1], root / "resumed" / "1": trained[1]}
+    for copy, original in copies.items():
+        line = next(ln for ln in excluded.splitlines() if str(copy) in ln)
+        assert f"same adapter as {original}" in line
+    with open(out / "table2_runs.csv") as f:
+        assert sorted(r["run"] for r in csv.DictReader(f)) == sorted(map(str, (trained[0], trained[1], moe)))
+
+
+def test_an_eval_run_alone_is_a_row_of_its_adapters_method(tmp_path):
+    trained = tmp_path / "elsewhere"  # the training run is not among the runs tabulated
+    run_dir = eval_run(tmp_path / "runs" / "eval", trained, "ab" * 32, seed=0, cli_method="moe_lora")
+    run = load_runs([run_dir])[0]
+    assert run.method == "lime_lora" and run.get("peft.rank") == 2 and run.get("routing.n_gram") == 1
+    assert run.get("peft.name") == "lime_lora" and run.config["peft"]["name"] == "moe_lora"
+    categories, rows = build_rows([run])
+    assert [(r.group, r.n, r.trainable_params) for r in rows] == [("lime_lora", 1, METHODS["lime_lora"])]
+    assert swept_keys([run, load_runs([make_run(tmp_path / "train", overrides=["peft=lime_lora"])])[0]]) == []

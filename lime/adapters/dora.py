@@ -1,6 +1,7 @@
 """DoRA: the base becomes μ ⊙ (W x) + b and ẑ = μ ⊙ (s · B A x), μ = m / ‖W + s B A‖_row.
 
-The row norm is detached, as in the DoRA paper (section 4.3) and HF peft.
+The row norm is detached, as in the DoRA paper (section 4.3) and HF peft. In the factored form of
+lime.adapters.base: LoRA's u and heads, plus the rescale μ. Trainable parameters per layer: r(d_in + d_out) + d_out.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lime.adapters.lora import LoRA
+from lime.config import LiMEConfig
 
 
 class DoRA(LoRA):
@@ -25,9 +27,22 @@ class DoRA(LoRA):
         weight = base.weight.to(self.lora_A.dtype) + self.scale * (self.lora_B @ self.lora_A)
         return self.magnitude / weight.norm(dim=1).detach()
 
+    # The reference path: the formula as written.
     def forward(self, x: Tensor, base: nn.Linear) -> tuple[Tensor, Tensor]:
         mu = self.rescale(base).to(x.dtype)
         z = mu * F.linear(x, base.weight)
         if base.bias is not None:
             z = z + base.bias
         return z, mu * self.delta(x)
+
+
+def dora_params(d_in: int, d_out: int, config: LiMEConfig) -> int:
+    return config.rank * (d_in + d_out) + d_out
+
+
+def check_dense(name: str, linear: nn.Linear, config: LiMEConfig) -> str | None:
+    """DoRA reads W's row norms: a quantized base has no dense W."""
+    if type(linear).__module__.startswith("bitsandbytes"):
+        return (f"peft.variant: DoRA needs the dense weight of {name} for its row norms; "
+                "it is not supported on a bitsandbytes-quantized base (model.quantization)")
+    return None

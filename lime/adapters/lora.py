@@ -1,4 +1,8 @@
-"""LoRA: ẑ = s · B A dropout(x), s = alpha / r."""
+"""LoRA: ẑ = s · B A dropout(x), s = alpha / r.   LoRA-FA: the same with A frozen at its random init.
+
+In the factored form of lime.adapters.base: u = A dropout(x), heads (B, s), no rescale.
+Trainable parameters per d_in x d_out layer: LoRA r(d_in + d_out), LoRA-FA r·d_out.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lime.adapters.base import Adapter
+from lime.adapters.base import LowRankAdapter
+from lime.config import LiMEConfig
 
 
-class LoRA(Adapter):
+class LoRA(LowRankAdapter):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, dtype: torch.dtype) -> None:
         super().__init__()
         device = base.weight.device
@@ -21,6 +26,17 @@ class LoRA(Adapter):
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    @classmethod
+    def from_config(cls, base: nn.Linear, config: LiMEConfig) -> LoRA:
+        return cls(base, config.rank, config.alpha, config.dropout, getattr(torch, config.param_dtype))
+
+    def hidden(self, x: Tensor) -> Tensor:
+        return F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+
+    def heads(self) -> tuple[Tensor, float]:
+        return self.lora_B, self.scale
+
+    # The reference path: the formula as written.
     def delta(self, x: Tensor) -> Tensor:
         hidden = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
         return F.linear(hidden, self.lora_B.to(x.dtype)) * self.scale
@@ -35,3 +51,11 @@ class LoRAFA(LoRA):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, dtype: torch.dtype) -> None:
         super().__init__(base, rank, alpha, dropout, dtype)
         self.lora_A.requires_grad_(False)
+
+
+def lora_params(d_in: int, d_out: int, config: LiMEConfig) -> int:
+    return config.rank * (d_in + d_out)
+
+
+def lora_fa_params(d_in: int, d_out: int, config: LiMEConfig) -> int:
+    return config.rank * d_out

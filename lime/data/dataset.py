@@ -19,9 +19,11 @@ import torch
 from PIL import Image
 
 from lime.data import mmt47
-from lime.data.media import MediaError, load_image, load_video
+from lime.data.media import FRAME_SAMPLING, MediaError, load_image, load_video
 
 logger = logging.getLogger(__name__)
+
+PAD_SHORT_CLIPS = ("eval", "always")
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,19 @@ class MMTDataset(torch.utils.data.Dataset):
     """Rows of one split -> `Sample` (decoded media) or, with on_error="skip", `Skip`."""
 
     def __init__(self, rows: datasets.Dataset, split: str, media_root: str | Path | None,
-                 num_frames: int = 8, on_error: str = "raise"):
+                 num_frames: int = 8, on_error: str = "raise", frame_sampling: str = "floor",
+                 pad_short_clips: str = "eval"):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if frame_sampling not in FRAME_SAMPLING:
+            raise ValueError(f"data.frame_sampling must be one of {FRAME_SAMPLING}, got {frame_sampling!r}")
+        if pad_short_clips not in PAD_SHORT_CLIPS:
+            raise ValueError(f"data.pad_short_clips must be one of {PAD_SHORT_CLIPS}, got {pad_short_clips!r}")
         self.rows, self.split, self.num_frames, self.on_error = rows, split, num_frames, on_error
+        self.frame_sampling = frame_sampling
+        # The released code pads a short clip to num_frames in evaluation only; its training loader keeps the
+        # clip's own frames ("eval"). "always" pads in training too.
+        self.pad_videos = pad_short_clips == "always" or split != mmt47.TRAIN_SPLIT
         self.media_root = None if media_root is None else Path(media_root)
 
     def __len__(self) -> int:
@@ -125,12 +136,13 @@ class MMTDataset(torch.utils.data.Dataset):
         if source_type not in mmt47.SOURCE_TYPES:
             raise DataError(Skip(sample_id, "unknown_source_type",
                                  f"unknown source_type {source_type!r}, expected one of {mmt47.SOURCE_TYPES}"))
-        if answer is None or not str(answer).strip():
-            raise DataError(Skip(sample_id, "empty_answer", "empty answer"))
+        try:
+            answer = mmt47.answer_value(answer)  # a string, or a list of accepted strings (first = target)
+        except mmt47.AnswerError as err:
+            raise DataError(Skip(sample_id, err.kind, str(err))) from None
         if question is None:
             raise DataError(Skip(sample_id, "empty_question", "question is missing"))
-        # Stripped: the model is trained and scored on the answer, not on stray whitespace around it.
-        sample = Sample(sample_id, source_type, str(question), str(answer).strip())
+        sample = Sample(sample_id, source_type, str(question), answer)
         if source_type != "text":
             self._load_media(sample, row["media_path"])
         return sample
@@ -146,7 +158,7 @@ class MMTDataset(torch.utils.data.Dataset):
             if sample.source_type == "image":
                 sample.image = load_image(sample.media_path)
             else:
-                sample.video = load_video(sample.media_path, self.num_frames)
+                sample.video = load_video(sample.media_path, self.num_frames, self.frame_sampling, self.pad_videos)
         except MediaError as err:
             raise DataError(Skip(sample.id, f"{err.kind}_{sample.source_type}", err.reason, err.path)) from err
 
@@ -155,5 +167,6 @@ def build(cfg: Mapping) -> dict[str, MMTDataset]:
     """Every split of a data config (loaded, validated and subset by `mmt47.load`) as an MMTDataset."""
     dataset = mmt47.load(cfg)
     _, media_root = mmt47.paths(cfg)
-    return {split: MMTDataset(rows, split, media_root, int(cfg.get("num_frames", 8)), cfg.get("on_error", "raise"))
+    return {split: MMTDataset(rows, split, media_root, int(cfg.get("num_frames", 8)), cfg.get("on_error", "raise"),
+                              cfg.get("frame_sampling", "floor"), cfg.get("pad_short_clips", "eval"))
             for split, rows in dataset.items()}

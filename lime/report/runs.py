@@ -2,7 +2,8 @@
 
     runs = load_runs(["multirun/2025-01-01/12-00-00"])
     usable, excluded = split_runs(runs)          # excluded: failed, running, missing or incomplete results
-    report_excluded(excluded, out_dir)           # printed and written; never averaged silently
+    usable, duplicates = dedupe_runs(usable)     # one adapter (a training run, its eval and resumed runs) once
+    report_excluded(excluded + duplicates, out_dir)   # printed and written; never averaged silently
 
 A run directory is any directory holding ``run_info.json`` or ``.hydra/config.yaml``. Everything here reads
 files only, so reports can be rebuilt on any machine from copied run directories.
@@ -11,6 +12,7 @@ files only, so reports can be rebuilt on any machine from copied run directories
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -25,6 +27,9 @@ import yaml
 
 # Override keys that never define what a sweep varies: seeds become the ± of a table, not an axis.
 NON_SWEEP_KEYS = frozenset({"seed", "experiment", "checkpoint", "mode"})
+# Config groups an eval run takes from the adapter it loads (run_info "adapter_config"), not from its command line.
+ADAPTER_GROUPS = ("peft", "routing")
+ADAPTER_WEIGHTS = Path("adapter") / "adapter_model.safetensors"
 
 
 def _read_json(path: Path) -> Any:
@@ -97,7 +102,11 @@ class Run:
     # ---- config -------------------------------------------------------------------------------------
 
     def get(self, key: str, default: Any = None) -> Any:
-        """A dotted config key; falls back to the overrides, then to run_info for method/model/seed."""
+        """A dotted config key; falls back to the overrides, then to run_info for method/model/seed. An eval
+        run's method and peft / routing settings are those of the adapter it evaluated (`adapter_value`)."""
+        value = self.adapter_value(key)
+        if value is not _MISSING:
+            return value
         value = dotted_get(self.config, key, _MISSING)
         if value is not _MISSING:
             return value
@@ -105,6 +114,35 @@ class Run:
             return self.override_dict[key]
         fallback = {"peft.name": "method", "model.name": "model", "seed": "seed"}.get(key)
         return self.info.get(fallback, default) if fallback else default
+
+    def adapter_value(self, key: str) -> Any:
+        """For an eval run (run_info holds the evaluated adapter's config): peft.name is the adapter's method,
+        peft.* and routing.* its settings, whatever the command line said. _MISSING otherwise."""
+        adapter = self.info.get("adapter_config")
+        group, _, rest = key.partition(".")
+        if not isinstance(adapter, Mapping) or group not in ADAPTER_GROUPS:
+            return _MISSING
+        if key == "peft.name":
+            return self.info.get("method", _MISSING)
+        return dotted_get(adapter if group == "peft" else adapter.get("routing"), rest, _MISSING)
+
+    @cached_property
+    def adapter_sha256(self) -> str | None:
+        """The identity of the adapter whose scores this run holds: the sha256 an eval run recorded, else that
+        of the weights file the run saved or (an eval run from before that record) of the checkpoint it names;
+        None when none of these can be read."""
+        recorded = self.info.get("adapter_sha256")
+        if recorded:
+            return str(recorded)
+        source = Path(str(self.get("checkpoint"))) if self.is_eval and self.get("checkpoint") else self.path
+        for weights in (source / ADAPTER_WEIGHTS, source / ADAPTER_WEIGHTS.name):
+            if weights.is_file():
+                return hashlib.sha256(weights.read_bytes()).hexdigest()
+        return None
+
+    @property
+    def is_eval(self) -> bool:
+        return self.info.get("mode", self.get("mode")) == "eval"
 
     @cached_property
     def override_dict(self) -> dict[str, Any]:
@@ -316,6 +354,24 @@ def split_runs(
     return usable, excluded
 
 
+def dedupe_runs(runs: Sequence[Run]) -> tuple[list[Run], list[tuple[Run, list[str]]]]:
+    """(runs with one per adapter, [(dropped run, [why])]). A training run, an eval run of its adapter and a
+    resumed run that ends in the same adapter are one seed: the run that trained it from the start is kept
+    (then a resumed one, then an eval run; the first in path order among equals); runs without an adapter
+    identity are all kept."""
+    by_adapter: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.adapter_sha256 is not None:
+            by_adapter.setdefault(run.adapter_sha256, []).append(run)
+    dropped: dict[int, tuple[Run, list[str]]] = {}
+    for sha, copies in by_adapter.items():
+        keep, *others = sorted(copies, key=lambda r: (r.is_eval, bool(r.get("trainer.resume")), _natural_key(r.path)))
+        for run in others:
+            dropped[id(run)] = (run, [f"same adapter as {shown_path(keep.path)} (sha256 {sha[:12]}): "
+                                      "one seed, counted once"])
+    return [r for r in runs if id(r) not in dropped], list(dropped.values())
+
+
 def choose_scorer(runs: Sequence[Run], requested: str | None = None) -> str | None:
     """The scorer to tabulate: the requested one, else the runs' common primary scorer, else "strict"
     (runs written with different primary scorers must not be averaged together)."""
@@ -333,6 +389,11 @@ def usable_runs(paths: Sequence[str | Path], out_dir: str | Path, scorer: str | 
     runs = load_runs(paths)
     scorer = choose_scorer(runs, scorer)
     usable, excluded = split_runs(runs, scorer, needs_scores)
+    usable, duplicates = dedupe_runs(usable)
+    if duplicates:
+        print(f"DEDUPLICATED {len(duplicates)} run(s): the same adapter as a run already counted (a seed counts "
+              "once); listed below and in excluded_runs.md")
+    excluded += duplicates
     report_excluded(excluded, out_dir)
     if not usable:
         print(f"No usable runs among {len(runs)} found under {', '.join(map(str, paths))}.", file=sys.stderr)
@@ -347,7 +408,7 @@ def report_excluded(excluded: Sequence[tuple[Run, list[str]]], out_dir: str | Pa
              "status": run.info.get("status"), "reasons": "; ".join(problems)} for run, problems in excluded]
     if echo:
         if rows:
-            print(f"EXCLUDED {len(rows)} run(s) (failed, unfinished or incomplete; not averaged):")
+            print(f"EXCLUDED {len(rows)} run(s) (failed, unfinished, incomplete or a duplicate; not averaged):")
             for row in rows:
                 print(f"  {row['run']}  [{row['method']} seed={row['seed']}]  {row['reasons']}")
         else:
@@ -358,8 +419,8 @@ def report_excluded(excluded: Sequence[tuple[Run, list[str]]], out_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = out / "excluded_runs.md", out / "excluded_runs.csv"
     lines = ["# Excluded runs", "",
-             "Runs left out of every mean: failed or unfinished, results.json missing, or a category "
-             "missing task scores.", ""]
+             "Runs left out of every mean: failed or unfinished, results.json missing, a category "
+             "missing task scores, or the same adapter as a run already counted.", ""]
     if rows:
         lines += ["| run | method | seed | status | reasons |", "|---|---|---|---|---|"]
         lines += [f"| `{r['run']}` | {r['method']} | {r['seed']} | {r['status']} | {r['reasons']} |" for r in rows]
@@ -379,7 +440,9 @@ def swept_keys(runs: Sequence[Run]) -> list[str]:
     values: dict[str, set[str]] = {}
     for run in runs:
         for key, value in run.override_dict.items():
-            if key in NON_SWEEP_KEYS or key.startswith("hydra."):
+            # an eval run's peft= / routing.* on the command line do not define it: its adapter does
+            overruled = "adapter_config" in run.info and key.partition(".")[0] in ADAPTER_GROUPS
+            if key in NON_SWEEP_KEYS or key.startswith("hydra.") or overruled:
                 continue
             values.setdefault(key, set()).add(json.dumps(value, sort_keys=True, default=str))
     return [key for key, vals in values.items() if len(vals) > 1]

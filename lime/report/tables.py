@@ -321,3 +321,34 @@ def write_tables(
     write_csv(paths[2], *csv_rows(rows, categories))
     write_csv(paths[3], *per_run_rows(rows, categories, scorer))
     return paths
+
+
+def write_efficiency_table(stats: dict[str, dict[str, Stat]], paper_data: dict | None, out_dir: Path) -> list[Path]:
+    """efficiency.md and .csv: the plotted means per method, and the ratios to the reference (ours, paper's)."""
+    # Imported here: lime.report.efficiency builds its numbers from this module's Stat.
+    from lime.report.efficiency import EFFICIENCY_FIELDS, RELATIVE_FIELDS, relative_efficiency
+
+    reference, ours, paper = relative_efficiency(stats, paper_data)
+    fields = ["method", "n", *(f for f in EFFICIENCY_FIELDS)]
+    if reference is not None:
+        fields += [f"{f}_vs_{reference}{who}" for f in RELATIVE_FIELDS for who in ("", "_paper")]
+    records = []
+    for method, stat in stats.items():
+        record = {"method": paper_numbers.method_label(method), "n": stat["train_time"].n}
+        record.update({f: None if stat[f].mean is None else round(stat[f].mean, 4) for f in EFFICIENCY_FIELDS})
+        for f in RELATIVE_FIELDS if reference is not None else ():
+            for who, value in (("", ours[method][f]), ("_paper", paper[method][f])):
+                record[f"{f}_vs_{reference}{who}"] = None if value is None else round(value, 3)
+        records.append(record)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, csv_path = out_dir / "efficiency.md", out_dir / "efficiency.csv"
+    write_csv(csv_path, fields, records)
+    header = {f: spec[0] for f, spec in EFFICIENCY_FIELDS.items()}
+    for f in RELATIVE_FIELDS if reference is not None else ():
+        ratio = f"{EFFICIENCY_FIELDS[f][0].split(' (')[0]} ÷ {paper_numbers.method_label(reference)}"
+        header[f"{f}_vs_{reference}"], header[f"{f}_vs_{reference}_paper"] = ratio, f"{ratio} (paper)"
+    header = [header.get(f, f) for f in fields]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(fields)]
+    lines += ["| " + " | ".join("–" if r.get(f) is None else str(r[f]) for f in fields) + " |" for r in records]
+    md.write_text("# Efficiency: means over runs\n\n" + "\n".join(lines) + "\n")
+    return [md, csv_path]
