@@ -5,27 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 import pytest
-import yaml
 
 import lime
 from lime.checkpoint import WEIGHTS_NAME, method_name
 from lime.config import LiMEConfig
+from lime.presets import compose, lime_config, peft_presets
 from lime.run import build_model, plain, run
 from tests.test_train import SMALL, compose_config
 from tests.tiny import perturb_trainable
 
-PEFT_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "peft").glob("*.yaml"))
 
-
-@pytest.mark.parametrize("path", PEFT_CONFIGS, ids=lambda p: p.stem)
-def test_method_name_of_every_peft_config(path):
-    peft = yaml.safe_load(path.read_text())
-    assert method_name(LiMEConfig(method=peft["method"], variant=peft["variant"],
-                                  routing=dict(router="learned") if peft["method"] not in ("lime", "plain") else {})
-                       ) == peft["name"]
+@pytest.mark.parametrize("name", peft_presets())
+def test_method_name_of_every_peft_preset(name):
+    assert method_name(lime_config(compose([f"peft={name}"]))) == name
 
 
 def test_eval_run_takes_method_and_counts_from_the_adapter_not_the_command_line(tmp_path, caplog):
