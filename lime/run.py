@@ -56,6 +56,9 @@ def check_config(cfg: Mapping[str, Any]) -> Settings:
     if routing.anchor == "last" and routing.n_gram > 1 and checked.eval.evaluate:
         raise ConfigError("routing.anchor: 'last' looks ahead in each n-gram window and cannot run under cached "
                           "generation; use routing.anchor=first, or trainer.evaluate=false for a training-only run")
+    if routing.norm == "global" and checked.eval.evaluate:
+        raise ConfigError("routing.norm: 'global' takes one max over the whole batch and cannot run under cached "
+                          "generation; use routing.norm=token, or trainer.evaluate=false for a training-only run")
     return checked
 
 

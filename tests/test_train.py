@@ -277,3 +277,8 @@ def test_peak_memory_is_each_runs_own():
     del big
     assert reset_peak_memory() == "run"
     assert first - peak_memory_bytes() > 300 * 2**20
+
+
+def test_global_norm_with_generation_is_refused_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="routing.norm: 'global'"):
+        run(compose_config(*SMALL, "routing.norm=global"), tmp_path)
