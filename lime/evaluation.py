@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import ProcessorMixin
 
-from lime import scoring
+from lime import answer_loss, scoring
 from lime.data.collate import Collator, GenerationBatch
 from lime.data.dataset import MMTDataset, SkipLog
 from lime.data.mmt47 import Taxonomy
@@ -104,7 +104,8 @@ def evaluate(
                   if any(task in scores[scorer] for task in tasks)}
     results = scoring.write_results(run_dir, scores[scorer], categories, scorer, counts,
                                     other_scorers={other: scores[other]})
-    return results
+    # The teacher-forced loss of the gold answers, a continuous score beside accuracy (lime/answer_loss.py).
+    return answer_loss.add_to_results(model, processor, splits, taxonomy, run_dir, results, batch_size)
 
 
 def format_table(results: Mapping[str, Any]) -> str:

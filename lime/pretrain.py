@@ -2,12 +2,13 @@
 
 LiME adapts a *pretrained* model. A randomly initialised tiny LLaVA-OneVision gives adapters of a few thousand
 parameters nothing to modulate, so the tiny model configs carry a `pretrain` block: the whole tiny model is
-first trained on a pretraining split of mmt_mini drawn with another generator seed (an independent draw: no
-sample is taken from the benchmark, though tasks with few distinct samples repeat some, exactly as the
-benchmark's own train and test splits do), then saved with `save_pretrained` next to its processor and cached.
-The PEFT run then loads it through the same `from_pretrained` path as a hub checkpoint, freezes it and adapts
-it, as in the paper. Built once per (architecture, pretraining recipe, benchmark generator settings), reused
-after.
+first trained on mmt_mini's *pretraining mixture* (lime/data/mmt_mini.py), drawn with another generator
+seed: captions of every scene kind the benchmark's visual tasks show ("Describe the video." -> "a red circle
+moves left") and generic sentences to continue. It teaches perception and language, not the benchmark's
+questions or answer formats, so the backbone alone scores near zero on the benchmark and what an adapter
+learns decides the score. The model is saved with `save_pretrained` next to its processor and cached; the PEFT
+run loads it through the same `from_pretrained` path as a hub checkpoint, freezes it and adapts it, as in the
+paper. Built once per (architecture, pretraining recipe, benchmark generator settings), reused after.
 
 Next to the weights, `backbone_results.json` (and `backbone_eval/`: results.csv, predictions/) holds the
 backbone's own scores on the benchmark's test splits before any adaptation, computed once when it is built:
@@ -24,12 +25,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
 
 from lime import evaluation, models
 from lime.checkpoint import atomic_directory
 from lime.data import dataset as data
+from lime.data import mmt_mini
 from lime.data.collate import Collator
 from lime.data.mmt47 import TRAIN_SPLIT, Taxonomy
 
@@ -37,7 +40,7 @@ logger = logging.getLogger(__name__)
 COMPLETE = "pretrained.json"
 BASELINE = "backbone_results.json"
 # Bump when what is trained or recorded changes: it is part of the cache key.
-PRETRAIN_VERSION = 2
+PRETRAIN_VERSION = 3
 
 
 def backbone_dir(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> Path:
@@ -49,11 +52,11 @@ def backbone_dir(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> P
     return root / f"{model_cfg['name']}-{key}"
 
 
-def pretraining_data(data_cfg: Mapping[str, Any], seed: int) -> data.MMTDataset:
-    """The train split of mmt_mini generated with seed `seed` (the benchmark itself uses another seed)."""
-    cfg = {**data_cfg, "path": None, "media_root": None, "categories": None, "tasks": None,
-           "max_train_samples": None, "max_eval_samples": 1, "generate": {**data_cfg["generate"], "seed": seed}}
-    return data.build(cfg)["train"]
+def pretraining_data(data_cfg: Mapping[str, Any], recipe: Mapping[str, Any]) -> data.MMTDataset:
+    """The pretraining mixture of `recipe` (data_seed, samples) at the benchmark's image and video sizes."""
+    root = mmt_mini.ensure_pretraining(data_cfg, int(recipe["data_seed"]), int(recipe["samples"]))
+    rows = datasets.load_from_disk(str(root / mmt_mini.DATASET_DIR))[TRAIN_SPLIT]
+    return data.MMTDataset(rows, "pretrain", root / mmt_mini.MEDIA_DIR, int(data_cfg.get("num_frames", 8)))
 
 
 def benchmark_tests(data_cfg: Mapping[str, Any]) -> dict[str, data.MMTDataset]:
@@ -109,7 +112,7 @@ def _pretrain(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], out_dir
     recipe = model_cfg["pretrain"]
     model, processor = models.build({**model_cfg, "pretrain": None})
     start = time.perf_counter()
-    dataset = _Decoded(pretraining_data(data_cfg, int(recipe["data_seed"])))
+    dataset = _Decoded(pretraining_data(data_cfg, recipe))
     data_seconds = time.perf_counter() - start
     generator = torch.Generator().manual_seed(int(model_cfg.get("seed", 0)))
     loader = DataLoader(dataset, batch_size=int(recipe["batch_size"]), shuffle=True, generator=generator,

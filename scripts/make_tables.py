@@ -8,7 +8,9 @@ Every run directory below the given paths is read. Failed, unfinished or incompl
 "completed", no results.json, or a category missing tasks) are listed on stdout and in excluded_runs.md and
 left out of every mean. Override keys that vary within a group (a sweep's key) are added to --group-by, so
 different settings are never averaged as seeds. --paper adds the paper's published row under each of our
-methods, labelled "(paper)".
+methods, labelled "(paper)". Statistics (lime/report/stats.py): a backbone-alone row where the runs carry one,
+and for every row Δ Mean against the reference row (--reference; default LoRA when rows are methods) with
+its paired bootstrap 95% interval over test samples, seeds pooled.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from lime.report import build_rows, usable_runs, write_tables
 from lime.report import paper as paper_numbers
-from lime.report.runs import shown_path
+from lime.report.runs import parse_override, shown_path
+from lime.report.stats import add_statistics
 from lime.report.tables import varying_within_groups
 
 
@@ -32,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scorer", default=None, help="strict | lenient (default: the runs' primary scorer)")
     parser.add_argument("--name", default="table2", help="output file stem")
     parser.add_argument("--paper-numbers", type=Path, default=None, help="paper numbers JSON (default: bundled)")
+    parser.add_argument("--reference", action="append", default=None, metavar="KEY=VALUE",
+                        help="the row the Δ column compares against, e.g. routing.n_gram=2 (repeatable; "
+                             "default peft.name=lora when grouping by peft.name alone)")
     return parser.parse_args(argv)
 
 
@@ -48,6 +54,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         print(f"NOTE: {', '.join(extra)} vary within the groups of {', '.join(group_by)}; grouping by them too.")
         group_by += tuple(extra)
     categories, rows = build_rows(usable, group_by, args.scorer, paper=args.paper, paper_data=data)
+    reference = dict(map(parse_override, args.reference or (["peft.name=lora"] if group_by == ("peft.name",) else [])))
+    statistics_notes = add_statistics(rows, usable, categories, args.scorer, reference)
     notes = [
         f"Runs: {len(usable)} averaged, {len(excluded)} excluded (see excluded_runs.md). Scorer: {args.scorer}.",
         "n = runs averaged (seeds); ± = sample standard deviation (ddof=1), omitted for n = 1; "
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.paper:
         notes.append("Rows in italics, '(paper)': the paper's published Table 2 (LLaVA-OV-7B) [EXACT-img]; "
                      "its seed count is not stated.")
-    paths = write_tables(rows, categories, out, args.name, args.scorer, notes)
+    paths = write_tables(rows, categories, out, args.name, args.scorer, [*notes, *statistics_notes])
     for path in paths:
         print(f"wrote {path}")
     return paths

@@ -5,12 +5,17 @@ regenerated from the logged runs, into experiments/<experiment>/small_scale/.
     python scripts/small_scale.py ablation_ngram table2 --jobs 4   # some of them
     python scripts/small_scale.py --epochs 3                       # trainer=smoke's 3 epochs: ~3x the time
     python scripts/small_scale.py --report-only                    # rebuild the reports from the runs already there
+    python scripts/small_scale.py --check table2 --group lime_lora --seed 0   # rerun one committed job, compare
 
 An experiment is the paper's sweep (configs/experiment/<name>.yaml) with the small-scale groups on the command
 line, which win over the experiment's (Hydra applies command-line overrides after the sweeper's params). Each
 (experiment, seed) is one `train.py -m` process: runs go to <runs>/<experiment>/seed<S>/<job>, its log to
 <runs>/logs/. The timed experiment (efficiency) runs after the others, alone on the machine. A failed process is
 reported and left out of the reports; the others go on.
+
+--check reruns one committed job from empty caches (benchmark, pretraining mixture and backbone rebuilt in a
+temporary directory, as on a fresh machine) and compares its category scores and Mean exactly (float equality)
+with the committed experiments/<experiment>/small_scale/<table>_runs.csv row of that group and seed.
 """
 
 from __future__ import annotations
@@ -45,11 +50,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table2-seeds", default="0,1,2")
     parser.add_argument("--ablation-seeds", default="0,1,2")
     parser.add_argument("--report-only", action="store_true", help="skip training; rebuild the reports")
+    parser.add_argument("--check", metavar="NAME", help="rerun one committed job of this experiment and compare")
+    parser.add_argument("--group", help="--check: the job's group in <table>_runs.csv (table2: the peft name)")
+    parser.add_argument("--seed", default="0", help="--check: the job's seed")
+    parser.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
+                        help="--check: the job's overrides (default for table2: peft=<group>)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
     if unknown:
         parser.error(f"unknown experiments {unknown}; choose from {EXPERIMENTS}")
     args.experiments = args.experiments or EXPERIMENTS
+    if args.check and (args.check not in EXPERIMENTS or args.check in TIMED or not args.group):
+        parser.error("--check needs a scored experiment name and --group")
     return args
 
 
@@ -63,6 +75,36 @@ def command(experiment: str, seed: str, args: argparse.Namespace) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "-m", f"experiment={experiment}", *SMALL,
             f"trainer.epochs={args.epochs}", f"seed={seed}", *TINY_SWEEPS.get(experiment, []),
             f"hydra.sweep.dir={args.runs / experiment / f'seed{seed}'}"]
+
+
+def check(args: argparse.Namespace) -> int:
+    """Rerun one committed job from empty caches; 0 when every committed number is reproduced exactly."""
+    import csv
+    import json
+    import tempfile
+
+    committed = args.out / args.check / "small_scale"
+    table = committed / ("table2_runs.csv" if args.check == "table2" else "results_runs.csv")
+    rows = [r for r in csv.DictReader(table.open()) if r["group"] == args.group and r["seed"] == args.seed]
+    if len(rows) != 1:
+        print(f"{table}: {len(rows)} rows of group {args.group!r}, seed {args.seed}", file=sys.stderr)
+        return 1
+    overrides = args.set if args.set is not None else [f"peft={args.group}"]
+    with tempfile.TemporaryDirectory(prefix="lime-check-") as tmp:
+        cmd = [sys.executable, str(ROOT / "train.py"), f"experiment={args.check}", *SMALL,
+               f"trainer.epochs={args.epochs}", f"seed={args.seed}", *overrides,
+               f"data.cache_dir={tmp}/data", f"model.pretrain.cache_dir={tmp}/backbones", f"hydra.run.dir={tmp}/run"]
+        print(" ".join(cmd[1:]), flush=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode:
+            return 1
+        results = json.loads((Path(tmp) / "run" / "results.json").read_text())
+    ours = {name: entry.get("score") for name, entry in results["categories"].items()}
+    ours["Mean"] = results["overall"]["mean_of_categories"]
+    wrong = [f"{name}: committed {rows[0][name]}, rerun {value!r}" for name, value in ours.items()
+             if name in rows[0] and (value is None or float(rows[0][name]) != value)]
+    print("\n".join(wrong) if wrong else f"reproduced exactly: {args.check} {args.group} seed {args.seed} "
+          f"({len(ours)} numbers, {rows[0]['run']})")
+    return 1 if wrong else 0
 
 
 def run(experiment: str, seed: str, args: argparse.Namespace) -> bool:
@@ -107,6 +149,8 @@ def report(experiment: str, args: argparse.Namespace) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """0 when every sweep ran and every report was written, else 1 (what failed is printed)."""
     args = parse_args(argv)
+    if args.check:
+        return check(args)
     failed = []
     if not args.report_only:
         (args.runs / "logs").mkdir(parents=True, exist_ok=True)
