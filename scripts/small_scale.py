@@ -21,6 +21,7 @@ with the committed experiments/<experiment>/small_scale/<table>_runs.csv row of 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -121,14 +122,42 @@ def run(experiment: str, seed: str, args: argparse.Namespace) -> bool:
 
 def pretrain_backbone() -> None:
     """Pretrain (or find cached) the tiny backbone once, before parallel jobs would each pretrain it."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from lime.pretrain import ensure_backbone
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        cfg = OmegaConf.to_container(compose("config", overrides=SMALL[:3]), resolve=True)
+    cfg = OmegaConf.to_container(OmegaConf.create(compose_small()), resolve=True)
     ensure_backbone(cfg["model"], cfg["data"])
+
+
+# Swept config groups and the key that holds their choice in the composed config.
+GROUP_KEYS = {"peft": "peft.name", "selection": "routing.selection"}
+
+
+def compose_small(*overrides: str, hydra: bool = False) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("config", overrides=[*SMALL[:3], *overrides], return_hydra_config=hydra)
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def reference(experiment: str) -> list[str]:
+    """The row the tables' Δ column compares against: LoRA in Table 2, else the default setting (the composed
+    config's value) of every key the ablation sweeps."""
+    if experiment == "table2":
+        return ["peft.name=lora"]
+    from omegaconf import OmegaConf
+
+    cfg = compose_small(f"experiment={experiment}", hydra=True)
+    out = []
+    for key in cfg["hydra"]["sweeper"]["params"]:
+        key = GROUP_KEYS.get(key.lstrip("+~"), key.lstrip("+~"))
+        if key != "seed":
+            value = OmegaConf.select(OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"}), key)
+            out.append(f"{key}={json.dumps(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)}")
+    return out
 
 
 REPORTS = {  # experiment -> the report scripts and their options; ablations: figures + one table row per setting
@@ -141,6 +170,8 @@ def report(experiment: str, args: argparse.Namespace) -> bool:
     """Rebuild the experiment's reports; False (after the others were tried) when a report script failed."""
     runs, out = str(args.runs / experiment), str(args.out / experiment / "small_scale")
     scripts = REPORTS.get(experiment, [["make_tables.py", "--name", "results"], ["make_figures.py", "--paper"]])
+    scripts = [[*s, *(f"--reference={r}" for r in reference(experiment))] if s[0] == "make_tables.py" else s
+               for s in scripts]
     codes = [subprocess.run([sys.executable, str(ROOT / "scripts" / script), runs, "--out", out, *options],
                             cwd=ROOT).returncode for script, *options in scripts]
     return not any(codes)

@@ -46,7 +46,7 @@ from lime.data.mmt47 import TRAIN_SPLIT, Taxonomy
 logger = logging.getLogger(__name__)
 
 # Bump when generated content changes: it is part of the cache key.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 6
 DATASET_DIR = "dataset"
 MEDIA_DIR = "media"
 COMPLETE = "COMPLETE.json"
@@ -128,6 +128,15 @@ def _or_pick(rng: np.random.Generator, value: str | None, options, exclude=()) -
     return value if value is not None else _pick(rng, options, exclude=exclude)
 
 
+def _caption(rng: np.random.Generator, *templates: str) -> str:
+    """One of several phrasings of a caption: the backbone learns every word of a scene in several positions
+    (so no single first word is entrenched), while no phrasing is a benchmark answer (two words or more)."""
+    return _pick(rng, templates)
+
+
+NUMBER_WORDS = ("one", "two", "three", "four")
+
+
 def _choice_question(question: str, options: list[str]) -> str:
     return f"{question} {' '.join(f'{LETTERS[i]}. {o}' for i, o in enumerate(options))} Answer with the letter."
 
@@ -142,7 +151,8 @@ def object_scene(rng, size, shape=None, color=None) -> Scene:
     shape, color = _or_pick(rng, shape, SHAPES), _or_pick(rng, color, COLORS)
     image, draw = _canvas(size)
     _shape(draw, shape, size / 2 + rng.integers(-1, 2), size / 2 + rng.integers(-1, 2), size * 0.42, color)
-    return Scene(image, f"a {color} {shape}")
+    return Scene(image, _caption(rng, f"a {color} {shape}", f"{color} {shape}", f"{shape}, {color}",
+                                 f"the {shape} is {color}"))
 
 
 def grid_scene(rng, size, count=None, present=None, absent=None) -> Scene:
@@ -158,7 +168,9 @@ def grid_scene(rng, size, count=None, present=None, absent=None) -> Scene:
         shape = _pick(rng, SHAPES)
         _shape(draw, shape, (cell % 2 + 0.5) * size / 2, (cell // 2 + 0.5) * size / 2, size / 6, color)
         parts.append(f"a {color} {shape} at the {CELLS[cell]}")
-    return Scene(image, " and ".join(parts))
+    listed = " and ".join(parts)
+    return Scene(image, _caption(rng, listed, f"{NUMBER_WORDS[count - 1]} shapes: {listed}",
+                                 f"{', '.join(sorted(set(colors)))} shapes"))
 
 
 # --- video scenes --------------------------------------------------------------------------------
@@ -188,7 +200,8 @@ def motion_clip(rng, size, direction=None, shape=None, color=None) -> Scene:
                                _or_pick(rng, color, COLORS))
     # The trail (a motion cue, like motion blur) keeps the direction within reach of the tiny models.
     frames = _moving(rng, size, int(_pick(rng, CLIP_LENGTHS)), direction, shape, color, trail=True)
-    return Scene(frames, f"a {color} {shape} moves {direction}")
+    return Scene(frames, _caption(rng, f"a {color} {shape} moves {direction}", f"{direction}: a {color} {shape}",
+                                  f"{color} {shape} moving {direction}", f"{shape}, {color}, moving {direction}"))
 
 
 def resize_clip(rng, size, change=None) -> Scene:
@@ -196,7 +209,8 @@ def resize_clip(rng, size, change=None) -> Scene:
     radii = np.linspace(size * 0.08, size * 0.42, int(_pick(rng, CLIP_LENGTHS)))
     radii = radii if change == "growing" else radii[::-1]
     frames = [_frame(size, [(shape, size / 2, size / 2, r, color)]) for r in radii]
-    return Scene(frames, f"a {color} {shape} {'grows' if change == 'growing' else 'shrinks'}")
+    return Scene(frames, _caption(rng, f"a {color} {shape} {'grows' if change == 'growing' else 'shrinks'}",
+                                  f"{change} {color} {shape}", f"{color} {shape}, {change}"))
 
 
 def tamper_clip(rng, size, tampering=None) -> Scene:
@@ -230,7 +244,8 @@ def appear_clip(rng, size, first=None) -> Scene:
     frames = [_frame(size, [] if t < n // 4 else
                      [(shapes[0] if t < n // 2 else shapes[1], size / 2, size / 2, size / 4,
                        first if t < n // 2 else second)]) for t in range(n)]
-    return Scene(frames, f"a {first} {shapes[0]} appears, then a {second} {shapes[1]}")
+    return Scene(frames, _caption(rng, f"a {first} {shapes[0]} appears, then a {second} {shapes[1]}",
+                                  f"{first} then {second}", f"first {first}, then {second}"))
 
 
 def change_clip(rng, size, start=None, end=None) -> Scene:
@@ -240,7 +255,8 @@ def change_clip(rng, size, start=None, end=None) -> Scene:
     n = int(_pick(rng, CLIP_LENGTHS))
     change = int(rng.integers(n // 3, n // 2 + 1))
     frames = [_frame(size, [], COLORS[start if t < change else end]) for t in range(n)]
-    return Scene(frames, f"the background turns from {start} to {end}")
+    return Scene(frames, _caption(rng, f"the background turns from {start} to {end}", f"{start} to {end}",
+                                  f"{start} background, then {end}"))
 
 
 # --- text ----------------------------------------------------------------------------------------
@@ -327,13 +343,17 @@ def passage(rng) -> tuple[str, str]:
     a, b = int(rng.integers(1, 6)), int(rng.integers(1, 6))
     positive = bool(rng.random() < 0.5)
     adjective = _pick(rng, SYNONYMS)
+    words = _sentence(rng)
+    shuffled = [words[i] for i in rng.permutation(len(words))]
     sentences = (
         f"{large} is larger than {small} and {small} is smaller than {large}.",
         f"a {_pick(rng, GROUPS[group])} is a kind of {group}.",
         f"{name} had {a} {item}s and got {b} more, so now {name} has {a + b} {item}s.",
-        f"{_review(rng, positive)}, so I {'liked' if positive else 'did not like'} it.",
+        f"{_review(rng, positive)}, so I {'liked' if positive else 'did not like'} it: a "
+        f"{'positive' if positive else 'negative'} review.",
         f"{adjective} means about the same as {SYNONYMS[adjective]}.",
-        " ".join(_sentence(rng)) + ".",
+        f"{' '.join(words)} is an acceptable sentence, but {' '.join(shuffled)} is unacceptable."
+        if shuffled != words else f"{' '.join(words)} is an acceptable sentence.",
     )
     words = _pick(rng, sentences).split()
     cut = int(rng.integers(1, len(words)))

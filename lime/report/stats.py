@@ -177,15 +177,17 @@ def backbone_row(runs: Sequence[Run], categories: Sequence[str], scorer: str | N
     cells = {c: Stat(scores.get(c)) for c in categories}
     values = [scores[c] for c in categories if c in scores]
     cells[MEAN_COLUMN] = Stat(statistics.fmean(values) if values and len(values) == len(categories) else None)
+    loss = _answer_loss(alone)
     return Row(label=BACKBONE_LABEL, group="backbone", source="backbone", cells=cells, n=None,
-               trainable_params=0, params_text="0", runs=[alone] if evaluated else [])
+               trainable_params=0, params_text="0", runs=[alone] if evaluated else [],
+               answer_loss=Stat(loss) if finite(loss) else None)
 
 
 def _backbone_eval_dir(run: Run) -> Path | None:
     """The backbone's own evaluation (per-sample predictions) in its cache, where this machine has it."""
     try:
-        from lime.pretrain import backbone_dir
-        path = backbone_dir(run.config["model"], run.config["data"]) / "backbone_eval"
+        from lime.pretrain import baseline_dir
+        path = baseline_dir(run.config["model"], run.config["data"]) / "backbone_eval"
     except (KeyError, TypeError, ImportError):
         return None
     return path if (path / "predictions").is_dir() else None
@@ -203,6 +205,18 @@ def add_statistics(rows: list[Row], runs: Sequence[Run], categories: Sequence[st
         mean = alone.cells[MEAN_COLUMN].mean
         notes.append(f"{BACKBONE_LABEL}: the pretrained tiny backbone before any adapter (one model, no seeds; "
                      f"Mean {mean:.2f})." if finite(mean) else f"{BACKBONE_LABEL}: the pretrained tiny backbone.")
+    for row in rows:
+        if row.source == "ours":
+            row.answer_loss = Stat.of([_answer_loss(run) for run in row.runs])
+            row.answer_loss = row.answer_loss if row.answer_loss.mean is not None else None
+    if any(row.answer_loss is not None for row in rows):
+        notes.append("Answer loss: the teacher-forced loss of the gold answers (nats per answer token, mean over "
+                     "categories; lower is better), mean ± std over runs.")
     if reference:
         notes += add_differences(rows, reference, resamples)
     return notes
+
+
+def _answer_loss(run: Run) -> float:
+    value = (((run.results or {}).get("answer_loss") or {}).get("overall") or {}).get("mean_of_categories")
+    return value if finite(value) else float("nan")
