@@ -3,7 +3,7 @@ regenerated from the logged runs, into experiments/<experiment>/small_scale/.
 
     python scripts/small_scale.py                                  # all of them, two jobs at a time (~2 h on 2 cores)
     python scripts/small_scale.py ablation_ngram table2 --jobs 4   # some of them
-    python scripts/small_scale.py --epochs 3                       # trainer=smoke's 3 epochs: ~3x the time
+    python scripts/small_scale.py --epochs 3                       # three epochs instead of one: ~2x the time
     python scripts/small_scale.py --report-only                    # rebuild the reports from the runs already there
     python scripts/small_scale.py --check table2 --group lime_lora --seed 0   # rerun one committed job, compare
 
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=Path, default=ROOT / "multirun" / "small_scale", help="run directory root")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments", help="reports: <out>/<name>/small_scale")
     parser.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (one CPU thread each)")
-    parser.add_argument("--epochs", type=int, default=1, help="trainer.epochs (trainer=smoke: 3)")
+    parser.add_argument("--epochs", type=int, default=1, help="trainer.epochs (trainer=smoke: 1)")
     parser.add_argument("--table2-seeds", default="0,1,2")
     parser.add_argument("--ablation-seeds", default="0,1,2")
     parser.add_argument("--report-only", action="store_true", help="skip training; rebuild the reports")
@@ -99,13 +99,24 @@ def check(args: argparse.Namespace) -> int:
         if subprocess.run(cmd, cwd=ROOT).returncode:
             return 1
         results = json.loads((Path(tmp) / "run" / "results.json").read_text())
+    wrong = mismatches(rows[0], results)
+    print("\n".join(wrong) if wrong else f"reproduced exactly: {args.check} {args.group} seed {args.seed} "
+          f"({rows[0]['run']})")
+    return 1 if wrong else 0
+
+
+def mismatches(committed: dict[str, str], results: dict) -> list[str]:
+    """Every category score and the Mean of a rerun's results.json that differs from its committed
+    <table>_runs.csv row (the CSV holds Python's shortest round-trip repr: equal floats print equal)."""
     ours = {name: entry.get("score") for name, entry in results["categories"].items()}
     ours["Mean"] = results["overall"]["mean_of_categories"]
-    wrong = [f"{name}: committed {rows[0][name]}, rerun {value!r}" for name, value in ours.items()
-             if name in rows[0] and (value is None or float(rows[0][name]) != value)]
-    print("\n".join(wrong) if wrong else f"reproduced exactly: {args.check} {args.group} seed {args.seed} "
-          f"({len(ours)} numbers, {rows[0]['run']})")
-    return 1 if wrong else 0
+    missing = [f"{name}: committed {committed[name]}, not in the rerun" for name in committed
+               if name not in ours and name not in RUN_COLUMNS]
+    return missing + [f"{name}: committed {committed.get(name)!r}, rerun {value!r}" for name, value in ours.items()
+                      if name not in committed or value is None or float(committed[name]) != value]
+
+
+RUN_COLUMNS = {"method", "group", "seed", "run", "trainable_params", "total_params"}  # <table>_runs.csv, not scores
 
 
 def run(experiment: str, seed: str, args: argparse.Namespace) -> bool:

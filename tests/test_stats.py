@@ -14,6 +14,7 @@ import pytest
 from lime.report.runs import load_runs
 from lime.report.stats import BACKBONE_LABEL, paired_bootstrap, pooled_correctness
 from lime.scoring import write_predictions
+from tests.scripts import load_script
 from tests.test_report import _markdown_table, make_run, make_tables
 
 CATEGORIES = {"GLUE": ["sst2", "cola"], "Vision Benchmark": ["okvqa"]}
@@ -109,3 +110,27 @@ def test_tables_print_the_backbone_row_and_intervals_against_lora(tmp_path):
     assert float(csv_rows["prompt"]["delta"]) == pytest.approx(100 * 2 / 40)
     assert "paired bootstrap 95% interval" in (out / "table2.md").read_text()
     assert "Δ Mean vs LoRA" in (out / "table2.tex").read_text()
+
+
+SMALL_SCALE = load_script("small_scale")
+
+
+def test_small_scale_compares_against_lora_and_each_ablations_default():
+    assert SMALL_SCALE.reference("table2") == ["peft.name=lora"]
+    assert SMALL_SCALE.reference("ablation_ngram") == ["routing.n_gram=1"]
+    assert SMALL_SCALE.reference("ablation_topk") == ['routing.selection="auto"']
+    assert SMALL_SCALE.reference("ablation_experts") == ['peft.name="lime_lora"', "peft.num_experts=4"]
+
+
+def test_check_accepts_only_the_committed_numbers_exactly():
+    results = {"categories": {"GLUE": {"score": 100 / 3}, "Vision Benchmark": {"score": 12.5}},
+               "overall": {"mean_of_categories": (100 / 3 + 12.5) / 2}}
+    row = {"method": "LiMELoRA", "group": "lime_lora", "seed": "0", "run": "x/0", "trainable_params": "6032",
+           "total_params": "209456", "GLUE": repr(100 / 3), "Vision Benchmark": "12.5",
+           "Mean": repr((100 / 3 + 12.5) / 2)}
+    assert SMALL_SCALE.mismatches(row, results) == []
+    results["categories"]["GLUE"]["score"] = np.nextafter(100 / 3, 100.0)  # one unit in the last place
+    assert SMALL_SCALE.mismatches(row, results) == [f"GLUE: committed {repr(100 / 3)!r}, rerun "
+                                                   f"{np.nextafter(100 / 3, 100.0)!r}"]
+    del results["categories"]["Vision Benchmark"]
+    assert "Vision Benchmark: committed 12.5, not in the rerun" in SMALL_SCALE.mismatches(row, results)
