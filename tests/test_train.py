@@ -38,7 +38,7 @@ def train_command(run_dir: Path, *overrides: str) -> list[str]:
 def test_end_to_end_run_directory(tmp_path):
     results = run(compose_config(*SMALL, "trainer.balance.every=2"), tmp_path)
     info = json.loads((tmp_path / "run_info.json").read_text())
-    assert info["status"] == "completed" and info["trainable_params"] == 6032 and info["train_samples"] == 64
+    assert info["status"] == "completed" and info["trainable_params"] == 6032 and info["train_samples"] == 72
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
