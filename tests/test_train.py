@@ -39,7 +39,7 @@ def train_command(run_dir: Path, *overrides: str) -> list[str]:
 def test_end_to_end_run_directory(tmp_path):
     results = run(compose_config(*SMALL, "trainer.balance.every=2"), tmp_path)
     info = json.loads((tmp_path / "run_info.json").read_text())
-    assert info["status"] == "completed" and info["trainable_params"] == 6032 and info["train_samples"] == 64
+    assert info["status"] == "completed" and info["trainable_params"] == 6032 and info["train_samples"] == 72
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
@@ -47,9 +47,9 @@ def test_end_to_end_run_directory(tmp_path):
     assert ["balance_loss" in m for m in steps] == [True, False, True, False]  # steps 0 and 2 of 0..3
     assert metrics[-1]["final"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert len(results["tasks"]) == 16 and all(t["samples"] == 2 for t in results["tasks"].values())
+    assert len(results["tasks"]) == 18 and all(t["samples"] == 2 for t in results["tasks"].values())
     assert "lenient" in results["other_scorers"]
-    assert len(list((tmp_path / "predictions").glob("*.jsonl"))) == 16
+    assert len(list((tmp_path / "predictions").glob("*.jsonl"))) == 18
     assert 0 < info["train_peak_memory_bytes"] <= info["peak_memory_bytes"]
 
     # mode=eval reloads the adapter and reproduces the predictions
@@ -255,7 +255,7 @@ def test_a_corrupt_training_image_is_named_or_skipped_and_counted(tmp_path, on_e
     from lime.data.dataset import DataError
 
     overrides = [*SMALL, f"data.cache_dir={tmp_path / 'data'}", f"data.on_error={on_error}", "trainer.evaluate=false",
-                 "trainer.max_steps=32"]  # 32 steps of 4: two epochs, every one of the 64 training samples drawn twice
+                 "trainer.max_steps=36"]  # 36 steps of 4: two epochs, every one of the 72 training samples drawn twice
     cfg = compose_config(*overrides)
     root = mmt_mini.ensure(OmegaConf.to_container(cfg.data, resolve=True))
     image = sorted((root / "media" / "images").rglob("train_*.png"))[3]
