@@ -9,7 +9,6 @@ score as wrong (`on_error: count`): never silently dropped. Files: `predictions/
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
