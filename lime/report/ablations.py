@@ -486,7 +486,7 @@ def usage_figure(points: Sequence[Point], panel: Panel) -> plt.Figure | None:
         ax.set_title(f"{cell.title}\nH(mean usage) = {h:.3f}" if h is not None else cell.title, fontsize=9)
         ax.set_xlabel("expert")
     axes[0].set_ylabel("layer")
-    centre = " (white: uniform 1/E)" if isinstance(norm, CenteredNorm) else ""
+    centre = "\n(white: uniform 1/E)" if isinstance(norm, CenteredNorm) else ""
     fig.colorbar(image, ax=axes, shrink=0.8, label=f"mean routing weight p̄_e{centre}")
     seeds = seeds_text(c.seeds for c in cells)
     fig.suptitle(f"{panel.title}: expert utilisation per layer (final logged step, {seeds})", fontsize=11)

@@ -100,11 +100,11 @@ def plot_efficiency(runs: Sequence[Run], out_dir: Path, paper: bool = False,
             ax.plot(pt, ps, marker=_marker(method), markersize=11, color=colors[method], markerfacecolor="white",
                     linestyle="none")
             ax.plot([t.mean, pt], [s.mean, ps], color=colors[method], linewidth=0.7, linestyle=":")
-    tag = " (paper: PIXEL)" if absolute else ""
+    drawn = absolute and _has_paper_values(methods, ["train_time", "throughput"], paper_data)
+    tag = " (paper: PIXEL)" if drawn else ""
     ax.set_xlabel(EFFICIENCY_FIELDS["train_time"][0] + tag)
     ax.set_ylabel(EFFICIENCY_FIELDS["throughput"][0] + tag)
     ax.set_title(f"Training throughput vs training time\n{n}", fontsize=11)
-    drawn = absolute and _has_paper_values(methods, ["train_time", "throughput"], paper_data)
     ax.legend(handles=ax.get_legend_handles_labels()[0] + _legend_handles(drawn), frameon=False, fontsize=8,
               loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -133,7 +133,7 @@ def _dot_figure(methods: list[str], fields: list[str], stats: dict, colors: dict
     for ax, field in zip(axes[0], fields, strict=True):
         _dot_panel(ax, methods, stats, field, colors, paper, data)
     axes[0][-1].legend(handles=_legend_handles(paper), frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(textwrap.fill(title, 90), fontsize=11)
+    fig.suptitle("\n".join(textwrap.fill(line, 90) for line in title.splitlines()), fontsize=11)  # keep breaks
     fig.tight_layout()
     return save_figure(fig, out_dir, name)
 
