@@ -152,6 +152,21 @@ def test_efficiency_paper_overlay_for_methods_fig2_lacks_is_reported(tmp_path, c
         assert not any("paper:" in ax.get_xlabel() for ax in fig.axes)  # no "(paper: PIXEL)" axis tag either
 
 
+def test_efficiency_on_another_model_says_the_paper_is_drawn_relative_only(tmp_path, capsys, monkeypatch):
+    figures = {}
+    monkeypatch.setattr(efficiency_plots, "save_figure", lambda fig, out, name: figures.update({name: fig}) or [])
+    monkeypatch.setattr(efficiency_plots, "write_efficiency_table", lambda *args: [])
+    for method in ("lime_lora", "moe_lora"):  # both in Fig. 2, but trained on the tiny model
+        make_run(tmp_path / method, method=method, experiment="efficiency", scores=None,
+                 info={"model": "tiny_llava_ov"})
+    efficiency_plots.plot_efficiency(load_runs([tmp_path]), tmp_path / "out", paper=True)
+    assert ("Fig. 2's absolute values are for llava_ov_0.5b, these runs for tiny_llava_ov: the paper is drawn in "
+            "the relative figure only") in capsys.readouterr().out
+    for name, fig in figures.items():
+        labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        assert ("paper (Fig. 2)" in labels) == (name == "efficiency_relative"), name
+
+
 # --------------------------------------------------------------------------------------------------------
 # (d) a legend entry for every line that can be seen, and only for those
 # --------------------------------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ def plot_efficiency(runs: Sequence[Run], out_dir: Path, paper: bool = False,
         paper = absolute = False
         n += "; paper: Fig. 2 has none of these methods (nothing overlaid)"
     elif paper and not absolute:
+        model = (paper_data or paper_numbers.load())["figure2"]["model"]
+        ours = ", ".join(sorted({str(r.info.get("model")) for r in runs}))
+        note(f"efficiency: --paper: Fig. 2's absolute values are for {model}, these runs for {ours}: "
+             "the paper is drawn in the relative figure only")
         n += "; paper values: relative figure only (another model)"
     paths = []
 
