@@ -57,6 +57,7 @@ def test_end_to_end_run_directory(tmp_path):
     assert again["tasks"] == results["tasks"]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_adapter(tmp_path):
     overrides = ["trainer.max_steps=8", "trainer.save_steps=2", "trainer.save_total_limit=null",
                  "trainer.evaluate=false"]
@@ -86,6 +87,7 @@ def test_resume_after_sigkill_gives_the_same_adapter(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
+@pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) trains as one process does with the same global batch.
 
@@ -157,6 +159,7 @@ def test_resolved_config_shows_every_spec_value():
     assert trainer["balance"] == {"every": 50, "warmup_steps": 0, "scale": 0.01, "importance": 0.1, "kl": 0.01}
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path):
     overrides = ["trainer.max_steps=400", "trainer.evaluate=false"]
     process = subprocess.Popen(train_command(tmp_path, *overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -209,6 +212,7 @@ def test_non_finite_loss_stops_with_the_step_after_saving_the_last_good_state(tm
                        model.get_submodule("model.layers.0.self_attn.q_proj").adapter.lora_B.detach())
 
 
+@pytest.mark.slow
 def test_wandb_logs_offline_into_the_run_directory(tmp_path):
     run(compose_config(*SMALL, "trainer.max_steps=2", "trainer.evaluate=false", "trainer.wandb.enabled=true"),
         tmp_path)
@@ -250,6 +254,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.slow
 def test_a_corrupt_training_image_is_named_or_skipped_and_counted(tmp_path, on_error):
     from lime.data import mmt_mini
     from lime.data.dataset import DataError
