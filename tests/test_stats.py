@@ -13,7 +13,7 @@ import pytest
 
 from lime.report.runs import load_runs
 from lime.report.stats import BACKBONE_LABEL, paired_bootstrap, pooled_correctness
-from lime.scoring import write_predictions
+from lime.results import write_predictions
 from tests.scripts import load_script
 from tests.test_report import _markdown_table, make_run, make_tables
 
