@@ -137,7 +137,7 @@ def test_analyze_script_writes_every_artifact(tmp_path):
             assert (out / run / f"{name}.csv").is_file()
     assert (out / "cka.png").is_file() and out / "cka.csv" in paths
     routing = read_csv(out / "lime" / "tsne_routing.csv")
-    assert len(routing) == 32 * 4  # every (sample, LiME layer) pair: q, k, v, o of block 1
+    assert len(routing) == 36 * 4  # every (sample, LiME layer) pair: q, k, v, o of block 1
     assert {r["dominant_expert"] for r in routing} <= {"0", "1", "2", "3"}
     assert not (out / "lora" / "tsne_routing.csv").exists()  # no routing without experts
 
@@ -147,18 +147,18 @@ def test_analyze_script_writes_every_artifact(tmp_path):
     assert sorted(recorded) == sorted(r["module"] for r in read_csv(out / "cka.csv"))
     # probes, PCA and t-SNE: the first, middle and last recorded layers
     assert {r["module"] for r in probe} == {recorded[0], recorded[2], recorded[3]}
-    # LiME: routing and representation probes at positions 1..2 of the bigram window, 16 tasks x 2 samples
+    # LiME: routing and representation probes at positions 1..2 of the bigram window, 18 tasks x 2 samples
     assert {(r["feature"], r["position"]) for r in probe} == {(f, p) for f in ("routing", "representation")
                                                              for p in ("1", "2")}
-    assert all(r["samples"] == "32" and r["tasks"] == "16" and 0 <= float(r["accuracy"]) <= 1 for r in probe)
+    assert all(r["samples"] == "36" and r["tasks"] == "18" and 0 <= float(r["accuracy"]) <= 1 for r in probe)
     lora_probe = read_csv(out / "lora" / "probe_by_position.csv")
     assert {r["feature"] for r in lora_probe} == {"representation"}  # plain LoRA has no routing weights
 
     pca_rows = read_csv(out / "lime" / "pca.csv")
-    assert len({r["sample"] for r in pca_rows}) == 32
+    assert len({r["sample"] for r in pca_rows}) == 36
     ratios = json.loads((out / "lime" / "pca.json").read_text())
     assert all(0 < sum(v["explained_variance_ratio"]) <= 1 for v in ratios.values())
 
     cka = read_csv(out / "cka.csv")
-    assert all(r["samples"] == "32" for r in cka) and len(cka) == 4
+    assert all(r["samples"] == "36" for r in cka) and len(cka) == 4
     assert all(0 < float(r["cka"]) <= 1 for r in cka)
