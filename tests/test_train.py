@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -37,9 +38,13 @@ def train_command(run_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *SMALL, f"hydra.run.dir={run_dir}", *overrides]
 
 
-def test_end_to_end_run_directory(tmp_path):
+def test_end_to_end_run_directory(tmp_path, capsys):
     results = run(compose_config(*SMALL, "trainer.balance.every=2"), tmp_path)
     info = json.loads((tmp_path / "run_info.json").read_text())
+    last = capsys.readouterr().out.splitlines()[-1]  # the closing summary, the score rounded
+    assert last.split(" | ", 1)[1] == (f"overall {results['overall']['mean_of_tasks']:.2f} (mean of tasks) | "
+                                       f"train loss {info['train_loss']:.4f} | run directory: {tmp_path}")
+    assert re.fullmatch(r"completed in (\d+ min )?\d+ s", last.split(" | ")[0])
     assert info["status"] == "completed" and info["trainable_params"] == 6032 and info["train_samples"] == 64
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
