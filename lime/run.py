@@ -390,7 +390,11 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
     overrides = [str(o) for o in (hydra_files or {}).get("overrides.yaml", [])]
     say = print if rank_zero else (lambda *args: None)
     with RunLock(run_dir), SignalsInterrupt() as signals:
-        resumed, previous = resume_point(cfg, run_dir)
+        try:
+            resumed, previous = resume_point(cfg, run_dir)
+        except Exception as error:  # e.g. trainer.resume=<a run directory without a checkpoint>
+            RunRecord(run_dir, cfg, experiment).finish("failed", error)
+            raise
         if rank_zero:
             remove_leftovers(run_dir)  # of an earlier, killed run in this directory
             segment = len(previous.get("resume_history", [])) + 1 if previous else 0
@@ -421,7 +425,10 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
 def resume_point(cfg: Mapping[str, Any], run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """With trainer.resume: this segment's resume_history entry (the checkpoint and step it continues from,
     the process) and, when it continues this run directory, the directory's earlier run_info.json."""
-    checkpoint = training.resume_checkpoint(cfg["trainer"].get("resume"), run_dir)
+    resume = cfg["trainer"].get("resume")
+    if resume is not True and not (isinstance(resume, str) and Path(resume).expanduser().is_dir()):
+        return None, None  # no resume, or a path that does not exist (check_config names it)
+    checkpoint = training.resume_checkpoint(resume, run_dir)
     if checkpoint is None:
         return None, None
     checkpoint = Path(checkpoint)
