@@ -29,9 +29,11 @@ def run_to_resume(cfg: DictConfig, hydra_cfg: DictConfig, run_dir: Path) -> Path
     named = any(str(o).startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
     if cfg.trainer.get("resume") is not True or named or hydra_cfg.mode == RunMode.MULTIRUN:
         return run_dir
-    found = find_run_to_resume(run_dir.parent.parent, cfg)  # outputs/<date>/<time>: all the dates
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {f"{hydra_cfg.job.name}.log"}:
-        shutil.rmtree(run_dir, ignore_errors=True)  # the fresh directory Hydra made (its log file only)
+    try:
+        found = find_run_to_resume(run_dir.parent.parent, cfg)  # outputs/<date>/<time>: all the dates
+    finally:  # found or refused, the fresh directory Hydra made (its log file only) is not a run
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {f"{hydra_cfg.job.name}.log"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
     print(f"trainer.resume=true: continuing {found}")
     return found
 

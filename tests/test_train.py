@@ -150,6 +150,16 @@ def test_resume_without_a_run_directory_finds_the_newest_matching_unfinished_run
         find_run_to_resume(outputs, compose_config(*SMALL, "peft.rank=4", "trainer.resume=true"))
 
 
+def test_resume_with_nothing_to_resume_refuses_and_leaves_no_run_directory(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *SMALL, "trainer.resume=true"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: trainer.resume=true: no unfinished run with a checkpoint under {tmp_path / 'outputs'}; name the "
+        "run to continue with hydra.run.dir=<run directory>")
+    assert list((tmp_path / "outputs").glob("*/*")) == []  # not started again in a new folder
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
 def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) trains as one process does with the same global batch.
