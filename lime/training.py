@@ -110,7 +110,7 @@ class ConsoleLog(TrainerCallback):
     def line(self, step: int, max_steps: int, logs: Mapping[str, Any]) -> str:
         parts = [f"step {step}/{max_steps}", f"loss {logs['loss']:.4f}"]
         if "balance_loss" in logs:
-            parts.append(f"balance {logs['balance_loss']:.4f}")
+            parts.append(f"balance {logs['balance_loss']:.3g}")  # often ~1e-4: significant digits
         if "learning_rate" in logs:
             parts.append(f"lr {logs['learning_rate']:.1e}")
         now = time.perf_counter()
