@@ -291,6 +291,7 @@ class RunRecord:
         self.earlier_wall_time_s = previous.get("wall_time_s") or 0.0
         memory_scope = reset_peak_memory()
         self.info: dict[str, Any] = {**previous, "status": "running", "error": None, "finished": None}
+        self.info.pop("resume_command", None)  # of the interruption this segment continues
         self.info.update({
             "status": "running", "error": None, "mode": cfg["mode"], "method": cfg["peft"].get("name"),
             "model": cfg["model"].get("name"), "data": cfg["data"].get("name"), "seed": cfg["seed"],

@@ -264,7 +264,7 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps[-1] == stopped_at + 2 and steps == sorted(steps)
     info = json.loads((tmp_path / "run_info.json").read_text())
-    assert info["status"] == "completed" and info["train_steps"] == stopped_at + 2
+    assert info["status"] == "completed" and info["train_steps"] == stopped_at + 2 and "resume_command" not in info
     (history,) = info["resume_history"]
     assert history["previous_status"] == "interrupted" and history["from_step"] == stopped_at
 
