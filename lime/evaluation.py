@@ -9,7 +9,6 @@ score as wrong (`on_error: count`): never silently dropped. Files: `predictions/
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import ProcessorMixin
 
-from lime import scoring
+from lime import answer_loss, scoring
 from lime.data.collate import Collator, GenerationBatch
 from lime.data.dataset import MMTDataset, SkipLog
 from lime.data.mmt47 import Taxonomy
@@ -114,8 +113,8 @@ def evaluate(
     results = write_results(run_dir, scores[scorer], categories, scorer, counts,
                             other_scorers={other: scores[other]})
     results["skipped_samples"] = skip_log.as_list()
-    (Path(run_dir) / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    return results
+    # The teacher-forced loss of the gold answers, a continuous score beside accuracy (lime/answer_loss.py).
+    return answer_loss.add_to_results(model, processor, splits, taxonomy, run_dir, results, batch_size)
 
 
 def format_table(results: Mapping[str, Any]) -> str:

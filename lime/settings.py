@@ -42,15 +42,16 @@ TOP_LEVEL = ("model", "routing", "peft", "data", "trainer", "mode", "checkpoint"
 class PretrainSettings:
     """`model.pretrain`: the tiny backbone's own pretraining (lime/pretrain.py)."""
 
-    steps: int = 1000
+    steps: int = 600
     batch_size: int = 32
+    samples: int = 3200  # size of the pretraining mixture (captions + text, lime/data/mmt_mini.py)
     lr: float = 3e-3
     data_seed: int = 1000
     threads: int | None = 1
     cache_dir: str | None = None
 
     def check(self, key: str) -> None:
-        positive(self, key, "steps", "batch_size", "threads")
+        positive(self, key, "steps", "batch_size", "samples", "threads")
         require(0 < self.lr < 1, f"{key}.lr", f"{self.lr} must be a learning rate in (0, 1)")
         require(self.data_seed >= 0, f"{key}.data_seed", f"{self.data_seed} must be >= 0")
 

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from lime import training
 from lime.run import run
 from tests.test_train import ROOT, SMALL, compose_config
@@ -21,6 +23,7 @@ def test_a_logging_step_is_one_compact_line(monkeypatch):
     assert console.line(40, 600, {"loss": 2.0}) == "step 40/600 | loss 2.0000"  # no time since: no speed
 
 
+@pytest.mark.slow
 def test_a_run_prints_its_directory_compact_step_lines_and_a_summary(tmp_path, capsys):
     run(compose_config(*SMALL, "trainer.progress_bar=true", "trainer.evaluate=false"), tmp_path)
     captured = capsys.readouterr()

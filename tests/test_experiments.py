@@ -63,6 +63,7 @@ def meta_model(model_name):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("scale", ["paper", "small"])
+@pytest.mark.slow
 def test_every_job_of_every_sweep_composes_into_a_valid_config(experiment, scale):
     # Small scale: what scripts/small_scale.py gives train.py, less its seed and sweep dir.
     extra = [] if scale == "paper" else [*SMALL_SCALE.SMALL, *SMALL_SCALE.TINY_SWEEPS.get(experiment, [])]
@@ -124,6 +125,7 @@ def count_params(*args):
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_params_column_7b_is_spec_section_5():
     column = count_params("model=llava_ov_7b")
     counts = {row["method"]: row["trainable"] for row in column["methods"]}
@@ -131,6 +133,7 @@ def test_params_column_7b_is_spec_section_5():
     assert all(row["base_total"] == 8_030_807_584 for row in column["methods"])
 
 
+@pytest.mark.slow
 def test_params_efficiency_setting_is_spec_section_5():
     counts = {m: count_params("experiment=efficiency", f"peft={m}")["trainable"] for m in ("lime_lora", "moe_dora")}
     assert counts == {m: SPEC_05B_LM[m] for m in counts}

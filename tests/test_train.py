@@ -45,7 +45,7 @@ def test_end_to_end_run_directory(tmp_path, capsys):
     assert last.split(" | ", 1)[1] == (f"overall {results['overall']['mean_of_tasks']:.2f} (mean of tasks) | "
                                        f"train loss {info['train_loss']:.4f} | run directory: {tmp_path}")
     assert re.fullmatch(r"completed in (\d+ min )?\d+ s", last.split(" | ")[0])
-    assert info["status"] == "completed" and info["trainable_params"] == 6032 and info["train_samples"] == 64
+    assert info["status"] == "completed" and info["trainable_params"] == 6032 and info["train_samples"] == 72
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
@@ -53,9 +53,9 @@ def test_end_to_end_run_directory(tmp_path, capsys):
     assert ["balance_loss" in m for m in steps] == [True, False, True, False]  # steps 0 and 2 of 0..3
     assert metrics[-1]["final"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert len(results["tasks"]) == 16 and all(t["samples"] == 2 for t in results["tasks"].values())
+    assert len(results["tasks"]) == 18 and all(t["samples"] == 2 for t in results["tasks"].values())
     assert "lenient" in results["other_scorers"]
-    assert len(list((tmp_path / "predictions").glob("*.jsonl"))) == 16
+    assert len(list((tmp_path / "predictions").glob("*.jsonl"))) == 18
     assert 0 < info["train_peak_memory_bytes"] <= info["peak_memory_bytes"]
 
     # mode=eval reloads the adapter and reproduces the predictions
@@ -63,6 +63,7 @@ def test_end_to_end_run_directory(tmp_path, capsys):
     assert again["tasks"] == results["tasks"]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_adapter_and_one_record(tmp_path):
     """A run SIGKILLed after a checkpoint, continued by `trainer.resume=true` alone (no hydra.run.dir: the run is
     found under outputs/), ends with the uninterrupted run's adapter, and its records are those of one run."""
@@ -150,6 +151,7 @@ def test_resume_without_a_run_directory_finds_the_newest_matching_unfinished_run
         find_run_to_resume(outputs, compose_config(*SMALL, "peft.rank=4", "trainer.resume=true"))
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_to_resume_refuses_and_leaves_no_run_directory(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *SMALL, "trainer.resume=true"], cwd=tmp_path,
                           capture_output=True, text=True)
@@ -161,6 +163,7 @@ def test_resume_with_nothing_to_resume_refuses_and_leaves_no_run_directory(tmp_p
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
+@pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) trains as one process does with the same global batch.
 
@@ -232,6 +235,7 @@ def test_resolved_config_shows_every_spec_value():
     assert trainer["balance"] == {"every": 50, "warmup_steps": 0, "scale": 0.01, "importance": 0.1, "kl": 0.01}
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path):
     overrides = ["trainer.max_steps=400", "trainer.evaluate=false"]
     process = subprocess.Popen(train_command(tmp_path, *overrides), cwd=ROOT, stdout=subprocess.PIPE,
@@ -298,6 +302,7 @@ def test_non_finite_loss_stops_with_the_step_after_saving_the_last_good_state(tm
                        model.get_submodule("model.layers.0.self_attn.q_proj").adapter.lora_B.detach())
 
 
+@pytest.mark.slow
 def test_wandb_logs_offline_into_the_run_directory(tmp_path):
     run(compose_config(*SMALL, "trainer.max_steps=2", "trainer.evaluate=false", "trainer.wandb.enabled=true"),
         tmp_path)
@@ -339,12 +344,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.slow
 def test_a_corrupt_training_image_is_named_or_skipped_and_counted(tmp_path, on_error):
     from lime.data import mmt_mini
     from lime.data.dataset import DataError
 
     overrides = [*SMALL, f"data.cache_dir={tmp_path / 'data'}", f"data.on_error={on_error}", "trainer.evaluate=false",
-                 "trainer.max_steps=32"]  # 32 steps of 4: two epochs, every one of the 64 training samples drawn twice
+                 "trainer.max_steps=36"]  # 36 steps of 4: two epochs, every one of the 72 training samples drawn twice
     cfg = compose_config(*overrides)
     root = mmt_mini.ensure(OmegaConf.to_container(cfg.data, resolve=True))
     image = sorted((root / "media" / "images").rglob("train_*.png"))[3]
