@@ -172,9 +172,9 @@ class TrainerSettings:
     name: str = "smoke"
     threads: int | None = 1
     device: str | None = None
-    epochs: float = 3
+    epochs: float = 1
     max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 16
+    batch_size: int = 4
     grad_accum: int = 1
     optimizer: Literal["adamw_torch", "adamw_8bit", "sgd"] = "adamw_torch"
     weight_decay: float = 0.01
