@@ -10,14 +10,32 @@ An error prints one message and exits with status 1; `debug=true` (or LIME_DEBUG
 """
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lime.run import run
+from lime.config import ConfigError
+from lime.run import find_run_to_resume, run
+
+
+def run_to_resume(cfg: DictConfig, hydra_cfg: DictConfig, run_dir: Path) -> Path:
+    """trainer.resume=true without hydra.run.dir continues the newest matching unfinished run under outputs/ (in
+    its own directory, not in the fresh one Hydra named), or refuses, naming the candidates."""
+    named = any(str(o).startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
+    if cfg.trainer.get("resume") is not True or named or hydra_cfg.mode == RunMode.MULTIRUN:
+        return run_dir
+    try:
+        found = find_run_to_resume(run_dir.parent.parent, cfg)  # outputs/<date>/<time>: all the dates
+    finally:  # found or refused, the fresh directory Hydra made (its log file only) is not a run
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {f"{hydra_cfg.job.name}.log"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"trainer.resume=true: continuing {found}")
+    return found
 
 
 def debugging(cfg: DictConfig) -> bool:
@@ -28,6 +46,11 @@ def debugging(cfg: DictConfig) -> bool:
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        run_dir = run_to_resume(cfg, hydra_cfg, run_dir)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     # Hydra's own record of the run, written by lime.run once this run owns the directory (hydra.output_subdir
     # is null in configs/config.yaml, so that a second run into the same directory cannot overwrite them).
     hydra_files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra_cfg}, "overrides.yaml": hydra_cfg.overrides.task}

@@ -5,6 +5,7 @@
     lime.save_adapter(model, "adapter/")
 """
 
+from lime import _quiet  # noqa: F401  (first: filters a bitsandbytes notice logged on import)
 from lime.balance import balance_loss, routing_summary
 from lime.checkpoint import AdapterError, load_adapter, save_adapter
 from lime.config import ConfigError, LiMEConfig, RoutingConfig

@@ -1,8 +1,9 @@
 """One run of train.py: check the config, build, adapt, train, evaluate, and record it all in the run directory.
 
     <run_dir>/.hydra/config.yaml   the composed config (Hydra)
-    <run_dir>/run_info.json        status, versions, device, times, throughput, peak memory, parameter counts
-    <run_dir>/metrics.jsonl        one line per logging step
+    <run_dir>/run_info.json        status, versions, device, times, throughput, peak memory, parameter counts;
+                                   after trainer.resume, totals over all segments and a resume_history
+    <run_dir>/metrics.jsonl        one line per logging step (a resumed run appends to it)
     <run_dir>/adapter/             adapter_model.safetensors + adapter_config.json
     <run_dir>/results.json|csv     per task, per category, overall; predictions/<split>.jsonl
 """
@@ -17,6 +18,7 @@ import logging
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -140,12 +142,12 @@ class Interrupted(Exception):
     def __init__(self, signum: int, checkpoint: Path | None = None, phase: str = "training") -> None:
         name = signal.Signals(signum).name
         if checkpoint is not None:
-            message = (f"stopped by {name} after saving {checkpoint}; continue with trainer.resume=true "
-                       "(and this run's hydra.run.dir) or trainer.resume=<this run dir>")
+            message = (f"stopped by {name} after saving {checkpoint}; continue with trainer.resume=true and "
+                       "hydra.run.dir=<this run directory> (the whole command: resume_command)")
         else:
             message = f"stopped by {name} during {phase}"
         super().__init__(message)
-        self.signum = signum
+        self.signum, self.checkpoint, self.phase = signum, checkpoint, phase
 
 
 class SignalsInterrupt:
@@ -279,11 +281,18 @@ def peak_memory_bytes() -> int:
 class RunRecord:
     """run_info.json: written at the start (status running) and rewritten at the end (completed or failed)."""
 
-    def __init__(self, run_dir: Path, cfg: Mapping[str, Any], experiment: str | None) -> None:
+    def __init__(self, run_dir: Path, cfg: Mapping[str, Any], experiment: str | None,
+                 resumed: Mapping[str, Any] | None = None, previous: Mapping[str, Any] | None = None) -> None:
+        """`resumed`: this segment's resume_history entry; `previous`: the record of this run directory's
+        earlier segments (trainer.resume=true), whose start, history and wall time it continues."""
         self.path = run_dir / "run_info.json"
         self.start = time.perf_counter()
+        previous = previous or {}
+        self.earlier_wall_time_s = previous.get("wall_time_s") or 0.0
         memory_scope = reset_peak_memory()
-        self.info: dict[str, Any] = {
+        self.info: dict[str, Any] = {**previous, "status": "running", "error": None, "finished": None}
+        self.info.pop("resume_command", None)  # of the interruption this segment continues
+        self.info.update({
             "status": "running", "error": None, "mode": cfg["mode"], "method": cfg["peft"].get("name"),
             "model": cfg["model"].get("name"), "data": cfg["data"].get("name"), "seed": cfg["seed"],
             "experiment": experiment,
@@ -293,7 +302,11 @@ class RunRecord:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
             "peak_memory": ("torch.cuda.max_memory_allocated" if torch.cuda.is_available()
                             else "peak resident set (VmHWM)") + f", over the {memory_scope}",
-        }
+        })
+        if previous.get("started"):
+            self.info["started"] = previous["started"]  # of the first segment
+        if resumed is not None:
+            self.info["resume_history"] = [*previous.get("resume_history", []), dict(resumed)]
         self.write()
 
     def update(self, **values: Any) -> None:
@@ -314,7 +327,12 @@ class RunRecord:
     def finish(self, status: str, error: BaseException | None = None) -> None:
         self.update(status=status, error=None if error is None else f"{type(error).__name__}: {error}",
                     finished=datetime.datetime.now().isoformat(timespec="seconds"),
-                    wall_time_s=round(time.perf_counter() - self.start, 2), peak_memory_bytes=peak_memory_bytes())
+                    wall_time_s=round(self.earlier_wall_time_s + time.perf_counter() - self.start, 2),
+                    peak_memory_bytes=peak_memory_bytes())
+
+    def wall_time(self) -> str:
+        seconds = int(self.info.get("wall_time_s") or 0)
+        return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def fit(model: torch.nn.Module, processor: Any, train_set: data.MMTDataset, settings: Settings,
@@ -330,7 +348,7 @@ def fit(model: torch.nn.Module, processor: Any, train_set: data.MMTDataset, sett
     trainer = training.LiMETrainer(
         model=model, args=args, train_dataset=train_set, data_collator=collator,
         peft_lr=settings.peft_lr, moe_lr=settings.moe_lr, balance=dataclasses.asdict(trainer_settings.balance),
-        metrics_path=run_dir / "metrics.jsonl",
+        metrics_path=run_dir / "metrics.jsonl", samples_per_step=samples_per_step(trainer_settings),
     )
     resume = training.resume_checkpoint(trainer_settings.resume, run_dir)
     output = trainer.train(resume_from_checkpoint=resume)
@@ -339,9 +357,25 @@ def fit(model: torch.nn.Module, processor: Any, train_set: data.MMTDataset, sett
     if trainer.state.global_step == 0:  # never counted as a completed training run
         raise RuntimeError("training took no optimizer step (trainer.epochs, trainer.max_steps and the size of "
                            "the train split give none)")
+    metrics = {**output.metrics, **run_totals(trainer, output.metrics, samples_per_step(trainer_settings))}
     if len(skips):
         logger.warning("training skipped %d samples: %s", len(skips), skips.summary())
-    return {**output.metrics, "skipped_samples": len(skips), "train_samples": len(train_set)}
+    return {**metrics, "skipped_samples": len(skips), "train_samples": len(train_set)}
+
+
+def samples_per_step(trainer: Any) -> int:
+    """Samples per optimizer step: trainer.batch_size is the global micro-batch (split across processes)."""
+    return trainer.batch_size * trainer.grad_accum
+
+
+def run_totals(trainer: training.LiMETrainer, metrics: Mapping[str, Any], per_step: int) -> dict[str, Any]:
+    """The Trainer's train metrics cover the last segment only (its loss sum over all the steps, its time);
+    these cover the whole run, the segments before a resume included."""
+    steps = trainer.state.global_step
+    train_time = trainer.prior["train_time_s"] + metrics["train_runtime"]
+    return {"train_loss": (trainer.prior["loss_sum"] + metrics["train_loss"] * steps) / steps,
+            "train_runtime": round(train_time, 4), "train_samples_per_second": round(steps * per_step / train_time, 3),
+            "train_steps": steps}
 
 
 def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | None = None,
@@ -354,17 +388,30 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
     """
     cfg = plain(cfg)
     rank_zero = int(os.environ.get("RANK", "0")) == 0
+    overrides = [str(o) for o in (hydra_files or {}).get("overrides.yaml", [])]
+    say = print if rank_zero else (lambda *args: None)
     with RunLock(run_dir), SignalsInterrupt() as signals:
+        try:
+            resumed, previous = resume_point(cfg, run_dir)
+        except Exception as error:  # e.g. trainer.resume=<a run directory without a checkpoint>
+            RunRecord(run_dir, cfg, experiment).finish("failed", error)
+            raise
         if rank_zero:
             remove_leftovers(run_dir)  # of an earlier, killed run in this directory
-            for name, content in (hydra_files or {}).items():
-                (run_dir / ".hydra").mkdir(exist_ok=True)
-                OmegaConf.save(content, run_dir / ".hydra" / name)
-        record = RunRecord(run_dir, cfg, experiment)
+            segment = len(previous.get("resume_history", [])) + 1 if previous else 0
+            write_hydra_files(run_dir, hydra_files or {}, segment)
+            if previous and resumed:
+                drop_replayed_metrics(run_dir / "metrics.jsonl", resumed["from_step"])
+        record = RunRecord(run_dir, cfg, experiment, resumed, previous)
+        say(f"run directory: {run_dir}")
+        if resumed:
+            say(f"resuming from {resumed['from_checkpoint']} (step {resumed['from_step']})")
         try:
-            return _run(cfg, run_dir, record, signals)
+            results = _run(cfg, run_dir, record, signals)
         except Interrupted as error:
             record.finish("interrupted", error)
+            record.update(resume_command=resume_command(run_dir, overrides))
+            say(interrupted_summary(error, run_dir, overrides))
             raise SystemExit(128 + error.signum) from error
         except BaseException as error:
             record.finish("failed", error)
@@ -372,6 +419,127 @@ def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | No
         finally:
             if rank_zero:
                 remove_leftovers(run_dir)
+        say(closing_summary(record, results, run_dir))
+        return results
+
+
+def resume_point(cfg: Mapping[str, Any], run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """With trainer.resume: this segment's resume_history entry (the checkpoint and step it continues from,
+    the process) and, when it continues this run directory, the directory's earlier run_info.json."""
+    resume = cfg["trainer"].get("resume")
+    if resume is not True and not (isinstance(resume, str) and Path(resume).expanduser().is_dir()):
+        return None, None  # no resume, or a path that does not exist (check_config names it)
+    checkpoint = training.resume_checkpoint(resume, run_dir)
+    if checkpoint is None:
+        return None, None
+    checkpoint = Path(checkpoint)
+    entry = {"resumed": datetime.datetime.now().isoformat(timespec="seconds"), "from_checkpoint": str(checkpoint),
+             "from_step": int(checkpoint.name.split("-")[1]), "pid": os.getpid(), "host": socket.gethostname()}
+    info_path = run_dir / "run_info.json"
+    if checkpoint.parent.parent.resolve() != run_dir.resolve() or not info_path.is_file():
+        return entry, None  # resumed from another run directory: a new record that says where from
+    previous = json.loads(info_path.read_text())
+    entry.update(previous_status=previous.get("status"), previous_error=previous.get("error"))
+    return entry, previous
+
+
+def write_hydra_files(run_dir: Path, hydra_files: Mapping[str, Any], segment: int) -> None:
+    """Hydra's config.yaml, hydra.yaml and overrides.yaml; a resumed segment (segment > 0) keeps those of the
+    first and writes its own beside them (overrides.resume-1.yaml, ...)."""
+    for name, content in hydra_files.items():
+        path = run_dir / ".hydra" / name
+        if segment and path.exists():
+            path = path.with_name(f"{path.stem}.resume-{segment}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(content, path)
+
+
+def drop_replayed_metrics(path: Path, from_step: int) -> None:
+    """The lines of the steps after the checkpoint a run resumes from: the resumed run trains and logs those steps
+    again, so that metrics.jsonl holds each step once."""
+    if not path.is_file():
+        return
+    def replayed(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] > from_step
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return True  # a line cut short by a kill
+
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True) if not replayed(line)))
+
+
+IGNORED_WHEN_MATCHING = ("trainer.resume", "debug")  # differ between a run and its resumption
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs (trainer.resume and debug aside)."""
+    keys = sorted(set(saved) | set(current))
+    found = []
+    for key in keys:
+        name = f"{prefix}{key}"
+        if name in IGNORED_WHEN_MATCHING:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            found += config_differences(a, b, name + ".")
+        elif a != b:
+            found.append(name)
+    return found
+
+
+def find_run_to_resume(outputs: Path, cfg: Mapping[str, Any]) -> Path:
+    """trainer.resume=true without hydra.run.dir: the newest run directory under `outputs` that did not complete,
+    has a checkpoint and was started with this config (trainer.resume and debug aside). Otherwise a ConfigError
+    names the unfinished runs and how their configs differ."""
+    cfg = plain(cfg)
+    unfinished = []
+    for info_path in sorted(outputs.glob("**/run_info.json")):
+        run_dir = info_path.parent
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            info = json.loads(info_path.read_text())
+            if info.get("status") != "completed" and training.complete_checkpoints(run_dir / "checkpoints"):
+                saved = plain(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+                unfinished.append((info.get("started") or "", run_dir, config_differences(saved, cfg)))
+    matching = sorted((started, str(run_dir)) for started, run_dir, differences in unfinished if not differences)
+    if matching:
+        return Path(matching[-1][1])
+    if not unfinished:
+        raise ConfigError(f"trainer.resume=true: no unfinished run with a checkpoint under {outputs}; name the run "
+                          "to continue with hydra.run.dir=<run directory>")
+    listed = "; ".join(f"{run_dir} (differs in {', '.join(differences[:4])})"
+                       for _, run_dir, differences in sorted(unfinished, key=lambda u: str(u[1]))[-5:])
+    raise ConfigError(f"trainer.resume=true: no unfinished run under {outputs} has this config; candidates: "
+                      f"{listed}. Continue one with hydra.run.dir=<run directory> and its overrides")
+
+
+def resume_command(run_dir: Path, overrides: list[str]) -> str:
+    """The command that continues this run: its own overrides, trainer.resume=true and its run directory."""
+    kept = [o for o in overrides if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
+    return shlex.join(["python", "train.py", *kept, "trainer.resume=true", f"hydra.run.dir={run_dir}"])
+
+
+def interrupted_summary(error: Interrupted, run_dir: Path, overrides: list[str]) -> str:
+    name = signal.Signals(error.signum).name
+    if error.checkpoint is not None:
+        step = error.checkpoint.name.split("-")[-1]
+        return (f"interrupted by {name} at step {step}: saved {error.checkpoint}\n"
+                f"continue with: {resume_command(run_dir, overrides)}")
+    if (run_dir / "adapter").is_dir():
+        return (f"interrupted by {name} during {error.phase}; the trained adapter is in {run_dir / 'adapter'}\n"
+                f"evaluate it with: python train.py mode=eval checkpoint={run_dir}")
+    return f"interrupted by {name} during {error.phase}; nothing was saved (run directory: {run_dir})"
+
+
+def closing_summary(record: RunRecord, results: Mapping[str, Any], run_dir: Path) -> str:
+    """The last line of a run: status, overall score, time, run directory."""
+    parts = [f"{record.info['status']} in {record.wall_time()}"]
+    overall = (results or {}).get("overall", {})
+    if overall.get("mean_of_tasks") is not None:
+        parts.append(f"overall {overall['mean_of_tasks']:.2f} (mean of tasks)")
+    if record.info.get("train_loss") is not None:
+        parts.append(f"train loss {record.info['train_loss']:.4f}")
+    parts.append(f"run directory: {run_dir}")
+    return " | ".join(parts)
 
 
 def train_and_save(model: torch.nn.Module, processor: Any, train_set: data.MMTDataset, checked: Settings,
@@ -387,6 +555,7 @@ def train_and_save(model: torch.nn.Module, processor: Any, train_set: data.MMTDa
         wandb.finish()
     record.update(train_peak_memory_bytes=peak_memory_bytes(),  # building, loading and training
                   train_time_s=metrics.get("train_runtime"), train_samples=metrics["train_samples"],
+                  train_steps=metrics["train_steps"],
                   train_samples_per_s=metrics.get("train_samples_per_second"),
                   train_loss=metrics.get("train_loss"), skipped_train_samples=metrics["skipped_samples"])
     return True

@@ -8,7 +8,11 @@
   routing statistics (so the balance loss) are those of the global micro-batch: N processes train as one does.
 * Routing statistics and losses go to the console, to `metrics.jsonl` in the run directory, and to wandb.
 * Checkpoints hold the adapter only (safetensors), are published by an atomic rename, and `resume` picks the
-  newest complete one.
+  newest complete one. Each also holds the run's totals so far (`run_totals.json`: the sum of the per-step
+  training losses, the training time, the steps), so that a resumed run reports totals over all its segments:
+
+      train_loss = (Σ_{segments} Σ_{steps} loss) / steps,   samples/s = steps · samples per step / Σ train time
+* The console gets one compact line per logging step (`ConsoleLog`), beside the progress bar.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import lime
 from lime.balance import RoutingAverage, RoutingStats, clear_routing_stats
@@ -38,6 +44,7 @@ from lime.settings import TrainerSettings
 MOE_PARAMETERS = ("expert_vectors", "shared_vector", "shared_gate", "router.")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"
+TOTALS = "run_totals.json"  # in each checkpoint: the run's totals up to its step (all segments)
 
 
 def is_moe_parameter(name: str) -> bool:
@@ -79,6 +86,48 @@ class StopOnSignal(TrainerCallback):
         self.previous = {}
 
 
+class ConsoleLog(TrainerCallback):
+    """One line per logging step, written above the progress bar (instead of the Trainer's raw dicts):
+
+        step 40/600 | loss 1.234 | balance 0.012 | lr 3.9e-04 | 12.3 samples/s
+    """
+
+    def __init__(self, samples_per_step: int) -> None:
+        self.samples_per_step = samples_per_step
+        self.last: tuple[int, float] | None = None  # (step, time) of the previous line
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.last = (state.global_step, time.perf_counter())
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict | None = None,
+               **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.line(state.global_step, state.max_steps, logs))
+
+    def line(self, step: int, max_steps: int, logs: Mapping[str, Any]) -> str:
+        parts = [f"step {step}/{max_steps}", f"loss {logs['loss']:.4f}"]
+        if "balance_loss" in logs:
+            parts.append(f"balance {logs['balance_loss']:.3g}")  # often ~1e-4: significant digits
+        if "learning_rate" in logs:
+            parts.append(f"lr {logs['learning_rate']:.1e}")
+        now = time.perf_counter()
+        if self.last is not None and now > self.last[1] and step > self.last[0]:
+            parts.append(f"{(step - self.last[0]) * self.samples_per_step / (now - self.last[1]):.1f} samples/s")
+        self.last = (step, now)
+        return " | ".join(parts)
+
+
+class QuietProgress(ProgressCallback):
+    """The Trainer's progress bar without its raw log dicts (ConsoleLog writes the lines)."""
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict | None = None,
+               **kwargs: Any) -> None:
+        return None
+
+
 def rng_states() -> dict[str, Any]:
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
@@ -114,8 +163,17 @@ def first_non_finite(model: nn.Module) -> str | None:
 
 class LiMETrainer(Trainer):
     def __init__(self, *args: Any, peft_lr: float, moe_lr: float, balance: Mapping[str, float],
-                 metrics_path: Path | None = None, **kwargs: Any):
+                 metrics_path: Path | None = None, samples_per_step: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # The console: compact lines (ConsoleLog) instead of the printed dicts, the bar kept if enabled.
+        self.remove_callback(PrinterCallback)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(QuietProgress)
+        per_step = samples_per_step or self.args.train_batch_size * self.args.gradient_accumulation_steps
+        self.add_callback(ConsoleLog(per_step))
+        # The totals of the segments before this one (a resumed run), read from the checkpoint it resumes
+        self.prior = {"loss_sum": 0.0, "train_time_s": 0.0, "step": 0}
+        self.segment_start: float | None = None
         self.peft_lr, self.moe_lr, self.balance = peft_lr, moe_lr, dict(balance)
         self.metrics_path = metrics_path
         self.routing = RoutingAverage()  # over the micro-batches since the last log line
@@ -289,6 +347,21 @@ class LiMETrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_adapter(model or self.model, Path(resume_from_checkpoint) / "adapter")
+        self.prior = read_totals(resume_from_checkpoint)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self.segment_start = time.perf_counter()
+        return super().train(*args, **kwargs)
+
+    def run_totals(self, segment_loss_sum: float) -> dict[str, float]:
+        """The whole run's totals at this step: the resumed segments' (self.prior) plus this segment's."""
+        return {"loss_sum": self.prior["loss_sum"] + segment_loss_sum, "step": self.state.global_step,
+                "train_time_s": self.prior["train_time_s"] + time.perf_counter() - (self.segment_start or 0.0)}
+
+    def segment_loss_sum(self) -> float:
+        """The sum of this segment's per-step training losses so far (the Trainer's own accumulators)."""
+        pending = getattr(self, "_tr_loss", None)
+        return getattr(self, "_total_loss_scalar", 0.0) + (float(pending) if pending is not None else 0.0)
 
     def _get_output_dir(self, trial: Any) -> str:
         return os.path.join(self.args.output_dir, STAGING)  # checkpoints are written here, then renamed
@@ -315,6 +388,7 @@ class LiMETrainer(Trainer):
         staged, final = Path(self.args.output_dir, STAGING, name), Path(self.args.output_dir, name)
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
+            (staged / TOTALS).write_text(json.dumps(self.run_totals(self.segment_loss_sum())) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staged, final)  # a crash before this line leaves only a staged, ignored copy
@@ -332,6 +406,14 @@ def complete_checkpoints(directory: str | Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
     return [p for _, p in sorted(found) if (p / "adapter" / "adapter_model.safetensors").is_file()
             and (p / "trainer_state.json").is_file()]
+
+
+def read_totals(checkpoint: str | Path) -> dict[str, float]:
+    """A checkpoint's run totals; a checkpoint without them (written before they existed) counts from zero."""
+    path = Path(checkpoint) / TOTALS
+    if not path.is_file():
+        return {"loss_sum": 0.0, "train_time_s": 0.0, "step": 0}
+    return json.loads(path.read_text())
 
 
 def optimizer_name(name: str) -> str:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -36,9 +38,13 @@ def train_command(run_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *SMALL, f"hydra.run.dir={run_dir}", *overrides]
 
 
-def test_end_to_end_run_directory(tmp_path):
+def test_end_to_end_run_directory(tmp_path, capsys):
     results = run(compose_config(*SMALL, "trainer.balance.every=2"), tmp_path)
     info = json.loads((tmp_path / "run_info.json").read_text())
+    last = capsys.readouterr().out.splitlines()[-1]  # the closing summary, the score rounded
+    assert last.split(" | ", 1)[1] == (f"overall {results['overall']['mean_of_tasks']:.2f} (mean of tasks) | "
+                                       f"train loss {info['train_loss']:.4f} | run directory: {tmp_path}")
+    assert re.fullmatch(r"completed in (\d+ min )?\d+ s", last.split(" | ")[0])
     assert info["status"] == "completed" and info["trainable_params"] == 6032 and info["train_samples"] == 72
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
@@ -58,13 +64,15 @@ def test_end_to_end_run_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_the_same_adapter(tmp_path):
+def test_resume_after_sigkill_gives_the_same_adapter_and_one_record(tmp_path):
+    """A run SIGKILLed after a checkpoint, continued by `trainer.resume=true` alone (no hydra.run.dir: the run is
+    found under outputs/), ends with the uninterrupted run's adapter, and its records are those of one run."""
     overrides = ["trainer.max_steps=8", "trainer.save_steps=2", "trainer.save_total_limit=null",
                  "trainer.evaluate=false"]
     reference = tmp_path / "reference"
     subprocess.run(train_command(reference, *overrides), check=True, capture_output=True, cwd=ROOT)
 
-    killed = tmp_path / "killed"
+    killed = tmp_path / "outputs" / "2026-01-01" / "killed"  # where a default run directory would be
     process = subprocess.Popen(train_command(killed, *overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     first = killed / "checkpoints" / "checkpoint-2"
@@ -76,14 +84,82 @@ def test_resume_after_sigkill_gives_the_same_adapter(tmp_path):
     published = sorted(p.name for p in (killed / "checkpoints").glob("checkpoint-*"))
     assert published and "checkpoint-8" not in published, published
     assert json.loads((killed / "run_info.json").read_text())["status"] == "running"  # killed, not finished
+    from lime.training import complete_checkpoints, read_totals
 
-    subprocess.run(train_command(killed, *overrides, "trainer.resume=true"), check=True, capture_output=True,
-                   cwd=ROOT)
+    resumed_from = complete_checkpoints(killed / "checkpoints")[-1]
+    before = read_totals(resumed_from)
+
+    resume = [sys.executable, str(ROOT / "train.py"), *SMALL, *overrides, "trainer.resume=true"]  # no run dir
+    out = subprocess.run(resume, check=True, capture_output=True, cwd=tmp_path, text=True).stdout
+    assert f"trainer.resume=true: continuing {killed}" in out
+    step = int(resumed_from.name.split("-")[1])
+    assert f"resuming from {resumed_from} (step {step})" in out
+    assert sorted(p.name for p in (tmp_path / "outputs").glob("*/*")) == ["killed"]  # no second run directory
     want = load_file(reference / "adapter" / "adapter_model.safetensors")
     got = load_file(killed / "adapter" / "adapter_model.safetensors")
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(want[key], got[key]), key
+
+    # One run's records: each step's metrics once, in order, in the one directory
+    lines = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == list(range(1, 9))
+    reference_lines = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in lines if "loss" in m] == [m["loss"] for m in reference_lines if "loss" in m]
+    info, uninterrupted = (json.loads((d / "run_info.json").read_text()) for d in (killed, reference))
+    assert info["status"] == "completed" and info["train_steps"] == uninterrupted["train_steps"] == 8
+    # the loss of the whole run (the same per-step losses as the reference), not of the last segment alone
+    assert info["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-9)
+    assert before["step"] == step and before["train_time_s"] > 0
+    assert info["train_time_s"] > before["train_time_s"]  # the segments' times summed
+    assert info["train_samples_per_s"] == pytest.approx(8 * 4 / info["train_time_s"], rel=1e-3)
+    (history,) = info["resume_history"]
+    assert history["from_checkpoint"] == str(resumed_from) and history["from_step"] == step
+    assert history["previous_status"] == "running" and history["pid"] != process.pid
+    # each segment's overrides kept
+    assert "trainer.resume=true" not in (killed / ".hydra" / "overrides.yaml").read_text()
+    assert "trainer.resume=true" in (killed / ".hydra" / "overrides.resume-1.yaml").read_text()
+
+
+def write_unfinished_run(run_dir: Path, cfg, status: str = "interrupted", started: str = "2026-01-01T10:00:00"):
+    """A run directory as an interrupted run leaves it: run_info.json, .hydra/config.yaml, one checkpoint."""
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    (checkpoint / "adapter").mkdir(parents=True)
+    (checkpoint / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    (run_dir / "run_info.json").write_text(json.dumps({"status": status, "started": started}))
+
+
+def test_resume_without_a_run_directory_finds_the_newest_matching_unfinished_run(tmp_path):
+    from lime.run import find_run_to_resume
+
+    cfg = compose_config(*SMALL)
+    outputs = tmp_path / "outputs"
+    with pytest.raises(ConfigError, match="no unfinished run with a checkpoint under"):
+        find_run_to_resume(outputs, cfg)
+    write_unfinished_run(outputs / "d1" / "older", cfg, started="2026-01-01T10:00:00")
+    write_unfinished_run(outputs / "d2" / "newer", cfg, status="running", started="2026-01-02T10:00:00")
+    write_unfinished_run(outputs / "d2" / "done", cfg, status="completed", started="2026-01-03T10:00:00")
+    other = compose_config(*SMALL, "peft.rank=8")
+    write_unfinished_run(outputs / "d2" / "other", other, started="2026-01-04T10:00:00")
+    resumed = compose_config(*SMALL, "trainer.resume=true")  # trainer.resume itself is not a difference
+    assert find_run_to_resume(outputs, resumed) == outputs / "d2" / "newer"
+    with pytest.raises(ConfigError, match=r"no unfinished run .* has this config; candidates: .*other \(differs in "
+                                          r"peft.rank\)"):
+        find_run_to_resume(outputs, compose_config(*SMALL, "peft.rank=4", "trainer.resume=true"))
+
+
+@pytest.mark.slow
+def test_resume_with_nothing_to_resume_refuses_and_leaves_no_run_directory(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *SMALL, "trainer.resume=true"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: trainer.resume=true: no unfinished run with a checkpoint under {tmp_path / 'outputs'}; name the "
+        "run to continue with hydra.run.dir=<run directory>")
+    assert list((tmp_path / "outputs").glob("*/*")) == []  # not started again in a new folder
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
@@ -162,13 +238,14 @@ def test_resolved_config_shows_every_spec_value():
 @pytest.mark.slow
 def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path):
     overrides = ["trainer.max_steps=400", "trainer.evaluate=false"]
-    process = subprocess.Popen(train_command(tmp_path, *overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(train_command(tmp_path, *overrides), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=300) == 128 + signal.SIGTERM
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["status"] == "interrupted" and "trainer.resume" in info["error"]
     from lime.training import complete_checkpoints
@@ -177,10 +254,23 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path):
     stopped_at = int(checkpoint.name.split("-")[1])
     assert 2 <= stopped_at < 400
 
-    subprocess.run(train_command(tmp_path, *overrides, "trainer.max_steps=" + str(stopped_at + 2),
-                                 "trainer.resume=true"), check=True, capture_output=True, cwd=ROOT)
+    # The console says what was saved and the exact command that continues the run
+    command = shlex.join(["python", "train.py", *SMALL, *overrides, "trainer.resume=true",
+                          f"hydra.run.dir={tmp_path}"])
+    assert out.splitlines()[-2:] == [f"interrupted by SIGTERM at step {stopped_at}: saved {checkpoint}",
+                                     f"continue with: {command}"]
+    assert info["resume_command"] == command
+
+    words = shlex.split(command)
+    continued = subprocess.run([sys.executable, str(ROOT / words[1]), *words[2:],
+                                f"trainer.max_steps={stopped_at + 2}"], capture_output=True, cwd=ROOT, text=True)
+    assert continued.returncode == 0, continued.stderr
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps[-1] == stopped_at + 2 and json.loads((tmp_path / "run_info.json").read_text())["status"] == "completed"
+    assert steps[-1] == stopped_at + 2 and steps == sorted(steps)
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["status"] == "completed" and info["train_steps"] == stopped_at + 2 and "resume_command" not in info
+    (history,) = info["resume_history"]
+    assert history["previous_status"] == "interrupted" and history["from_step"] == stopped_at
 
 
 def test_non_finite_loss_stops_with_the_step_after_saving_the_last_good_state(tmp_path):
