@@ -37,7 +37,8 @@ def generate_split(
     on_error: str = "raise", skip_log: SkipLog | None = None,
 ) -> list[dict[str, Any]]:
     """One row per sample: id, question, answer, prediction (None where generation failed), error."""
-    collator = Collator(processor, mode="generate", skip_log=skip_log)
+    collator = Collator(processor, mode="generate", skip_log=skip_log,
+                        instruction_clusters=getattr(model, "lime_clusters", None))  # MoCLE's clustering
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     tokenizer = processor.tokenizer
     rows = []

@@ -17,6 +17,7 @@ from lime.adapters import build_adapter
 from lime.config import ConfigError, LiMEConfig
 from lime.context import TextContext, track_text_mask
 from lime.layer import LiMELinear, PEFTLinear
+from lime.mocle import track_instruction_clusters  # (and registers MoCLE)
 from lime.registry import METHODS, VARIANTS, Variant, register_method
 
 
@@ -138,7 +139,7 @@ def apply_lime(model: nn.Module, config: LiMEConfig) -> nn.Module:
             in_text = text_prefix == "" or name.startswith(text_prefix + ".")
             base = getattr(parent, child)
             setattr(parent, child, build(base, config, context if in_text else None).train(base.training))
-        model.lime_hooks = [track_text_mask(text_model, context)]
+        model.lime_hooks = [track_text_mask(text_model, context), track_instruction_clusters(model, context)]
     model.lime_config = config
     return model
 

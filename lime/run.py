@@ -26,7 +26,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 import lime
-from lime import evaluation, models, pretrain, training
+from lime import evaluation, mocle, models, pretrain, training
 from lime.checkpoint import read_adapter_config
 from lime.config import ConfigError, LiMEConfig
 from lime.data import dataset as data
@@ -203,8 +203,10 @@ def fit(model: torch.nn.Module, processor: Any, train_set: data.MMTDataset, cfg:
     if trainer_cfg.get("gradient_checkpointing"):
         model.config.use_cache = False
     skips = SkipLog()  # counted skips (data.on_error=skip, truncation=skip); with num_workers=0 they land here
+    mocle.fit_instruction_clusters(model, [str(q) for q in train_set.rows["question"] if q is not None], cfg["seed"])
     collator = Collator(processor, "train", max_length=data_cfg.get("max_length"),
-                        truncation=data_cfg.get("truncation", "error"), skip_log=skips)
+                        truncation=data_cfg.get("truncation", "error"), skip_log=skips,
+                        instruction_clusters=getattr(model, "lime_clusters", None))
     trainer = training.LiMETrainer(
         model=model, args=args, train_dataset=train_set, data_collator=collator,
         peft_lr=cfg["peft"]["peft_lr"], moe_lr=cfg["peft"]["moe_lr"], balance=trainer_cfg["balance"],
