@@ -29,13 +29,14 @@ sample then gets w = 0, the universal expert alone; once a clustering is attache
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
 import re
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from lime.registry import Variant, register_method
 CLUSTER_EMBEDDING_DIM = 384  # MoCLE's per-layer cluster embeddings (its LoraLayer.task_emb: MiniLM's width)
 CLUSTERS_NAME = "instruction_clusters.safetensors"  # next to the adapter's weights
 BATCH_KEY = "instruction_cluster"  # the model input the collator adds: each sample's cluster id (B,)
+_PINNED = "_lime_generation_clusters"  # the model attribute `generation_clusters` sets
 
 # --- instruction embedders: texts -> (N, D) float32, rows L2-normalised -------------------------------------
 
@@ -198,13 +200,26 @@ def read_clusters(directory: Path, config: LiMEConfig) -> InstructionClusters | 
     return clusters
 
 
+@contextlib.contextmanager
+def generation_clusters(model: nn.Module, clusters: Tensor | None) -> Iterator[None]:
+    """Every forward inside the block uses these cluster ids: `generate` refuses inputs that the model's forward
+    does not name, so for generation the batch's `instruction_cluster` is set around the call instead."""
+    model.__dict__[_PINNED] = clusters
+    try:
+        yield
+    finally:
+        model.__dict__.pop(_PINNED, None)
+
+
 def track_instruction_clusters(model: nn.Module, context: TextContext) -> torch.utils.hooks.RemovableHandle:
     """A forward pre-hook on the whole model: take `instruction_cluster` out of the inputs (the model's own
-    forward does not know it) into `context.sample_clusters`, where the MoCLE layers read it. `generate`
-    passes it on to every step's forward."""
+    forward does not know it), or the ids of `generation_clusters`, into `context.sample_clusters`, where the
+    MoCLE layers read them."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         clusters = kwargs.pop(BATCH_KEY, None)
+        if clusters is None:
+            clusters = module.__dict__.get(_PINNED)
         if clusters is None and getattr(module, "lime_clusters", None) is not None:
             raise ValueError(f"MoCLE: this model has a fitted instruction clustering, but the batch has no "
                              f"{BATCH_KEY!r} (the collator adds it from lime_clusters)")
@@ -295,5 +310,6 @@ register_method("mocle", MoCLELinear, mocle_params, variants=("lora",), routed=F
 
 __all__ = [
     "BATCH_KEY", "CLUSTERS_NAME", "EMBEDDERS", "HashedEmbedder", "InstructionClusters", "MiniLMEmbedder",
-    "MoCLELinear", "fit_instruction_clusters", "read_clusters", "save_clusters", "track_instruction_clusters",
+    "MoCLELinear", "fit_instruction_clusters", "generation_clusters", "read_clusters", "save_clusters",
+    "track_instruction_clusters",
 ]
