@@ -223,6 +223,10 @@ def track_instruction_clusters(model: nn.Module, context: TextContext) -> torch.
         if clusters is None and getattr(module, "lime_clusters", None) is not None:
             raise ValueError(f"MoCLE: this model has a fitted instruction clustering, but the batch has no "
                              f"{BATCH_KEY!r} (the collator adds it from lime_clusters)")
+        if clusters is not None:  # checked once per forward, not in every layer
+            count = module.lime_config.num_clusters
+            if clusters.dtype.is_floating_point or clusters.min() < 0 or clusters.max() >= count:
+                raise ValueError(f"MoCLE: {BATCH_KEY} holds {clusters.tolist()}, not cluster ids in 0..{count - 1}")
         context.sample_clusters = clusters
         return args, kwargs
 
@@ -243,8 +247,6 @@ class ClusterGate(nn.Module):
         self.temperature, self.noise = config.cluster_temperature, config.cluster_noise
 
     def forward(self, clusters: Tensor) -> tuple[Tensor, Tensor]:
-        if clusters.min() < 0 or clusters.max() >= self.embedding.shape[0]:
-            raise ValueError(f"MoCLE: {BATCH_KEY} holds {clusters.tolist()}, outside 0..{self.embedding.shape[0] - 1}")
         logits = self.proj(self.embedding[clusters])
         if self.training and self.noise > 0:
             logits = logits + torch.randn_like(logits) * self.noise

@@ -102,12 +102,14 @@ def test_no_clusters_is_the_universal_expert_alone_and_bad_ids_are_refused() -> 
     x = torch.randn(2, 3, 12, dtype=torch.float64)
     universal = layer.base(x) + layer.scale * (x @ layer.adapter.lora_A.T @ layer.adapter.lora_B.T)
     torch.testing.assert_close(layer(x), universal)
-    context.sample_clusters = torch.tensor([0, 3])
-    with pytest.raises(ValueError, match="outside 0..2"):
-        layer(x)
     context.sample_clusters = torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="batch has 2 sequences"):
         layer(x)
+    model = lime.apply_lime(tiny_causal_lm(), CONFIG)
+    ids, mask = left_padded_batch([3, 2], total=3)
+    for bad in ([0, 3], [-1, 0], [0.0, 1.0]):
+        with pytest.raises(ValueError, match=r"not cluster ids in 0..2"):
+            model(input_ids=ids, attention_mask=mask, instruction_cluster=torch.tensor(bad))
 
 
 def test_vision_tower_is_refused() -> None:
@@ -211,7 +213,6 @@ def test_collator_adds_each_samples_cluster(tiny_llava) -> None:
     assert "instruction_cluster" not in Collator(tiny_llava[1], "train")(samples)
 
 
-@pytest.mark.slow
 def test_train_py_fits_saves_and_reuses_the_clustering(tmp_path) -> None:
     from lime.run import run
     from tests.test_train import SMALL, compose_config
