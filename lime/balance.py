@@ -6,6 +6,7 @@ Each routed layer keeps the statistics of its last forward (`layer.routing_stats
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,13 @@ class RoutingStats:
     entropy: Tensor  # () mean routing entropy, nats
     experts_per_token: Tensor  # () mean number of selected experts
     tokens: int
+    with_grad: bool = True  # recorded with autograd on (else `usage` can carry no gradient to the balance loss)
+
+    def __deepcopy__(self, memo: dict) -> RoutingStats:
+        """A copy of the values without their graph (a graph tensor cannot be deep-copied, and a copied model
+        must not share the original's graph): `copy.deepcopy(model)` works after a training forward."""
+        return dataclasses.replace(self, usage=self.usage.detach().clone(), load=self.load.clone(),
+                                   entropy=self.entropy.clone(), experts_per_token=self.experts_per_token.clone())
 
 
 def routing_stats(weights: Tensor, selected: Tensor, valid: Tensor) -> RoutingStats:
@@ -29,7 +37,8 @@ def routing_stats(weights: Tensor, selected: Tensor, valid: Tensor) -> RoutingSt
         load = masked_mean(selected.float(), valid)
         entropy = masked_mean(routing_entropy(weights.detach()), valid)
         experts = masked_mean(selected.float().sum(-1), valid)
-    return RoutingStats(masked_mean(weights, valid), load, entropy, experts, int(valid.sum()))
+    return RoutingStats(masked_mean(weights, valid), load, entropy, experts, int(valid.sum()),
+                        torch.is_grad_enabled())
 
 
 def importance_loss(usage: Tensor) -> Tensor:
@@ -57,9 +66,20 @@ def clear_routing_stats(model: nn.Module) -> None:
 
 def balance_loss(model: nn.Module, importance_weight: float, kl_weight: float, scale: float = 1.0) -> Tensor:
     """c · (α · mean_layers L_imp + β · mean_layers L_KL) over the routed layers of the last forward."""
-    stats = [s for _, s in _stats(model) if s.tokens > 0]
-    if not stats:
+    named = [(name, s) for name, s in _stats(model) if s.tokens > 0]
+    if not named:
         raise RuntimeError("balance_loss: no routed layer recorded statistics (call it after a training forward)")
+    without_grad = [name for name, s in named if not s.with_grad]
+    if torch.is_grad_enabled() and without_grad:
+        # Reentrant gradient checkpointing runs the forward under no_grad and recomputes it in the backward:
+        # the loss would silently get no gradient from the balance terms.
+        raise RuntimeError(
+            f"balance_loss: the routing statistics of {without_grad[0]} (and {len(without_grad) - 1} more layers) "
+            "were recorded without autograd, so the balance loss would have no gradient. Reentrant gradient "
+            "checkpointing does this: use gradient_checkpointing_kwargs={'use_reentrant': False} (the trainer's "
+            "default), or call balance_loss after a forward run with autograd."
+        )
+    stats = [s for _, s in named]
     l_imp = torch.stack([importance_loss(s.usage) for s in stats]).mean()
     l_kl = torch.stack([kl_loss(s.usage) for s in stats]).mean()
     return scale * (importance_weight * l_imp + kl_weight * l_kl)

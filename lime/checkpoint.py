@@ -121,12 +121,16 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
 def read_adapter_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise AdapterError(f"{directory}: no such directory (expected an adapter or run directory)")
     if not path.is_file():
         raise AdapterError(f"{path}: no adapter config here (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise AdapterError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path}: holds a JSON {type(meta).__name__}, not an object of adapter settings")
     if meta.get("peft_type") != PEFT_TYPE:
         raise AdapterError(f"{path}: peft_type is {meta.get('peft_type')!r}, not {PEFT_TYPE!r}")
     return meta

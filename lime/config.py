@@ -22,6 +22,7 @@ NORMS = ("token", "global")
 CHANNELS = ("leading", "trailing", "central", "random")
 SELECTIONS = ("auto", "topk", "soft_auto", "soft_topk", "dense")
 ANCHORS = ("first", "last")
+PROMPT_CONTEXTS = ("prompt", "input")
 DTYPES = ("float32", "bfloat16", "float16")
 EMBEDDERS = ("minilm", "hashed")  # MoCLE's instruction embedders (lime.mocle.EMBEDDERS)
 # `${min:2,${peft.num_experts}}` in configs (the experts ablation's MoELoRA top-k).
@@ -61,6 +62,9 @@ class RoutingConfig:
     soft_sharpness: float = 0.5  # the released soft masks use sigmoid((w - t) / 0.5)
     n_gram: int = 1  # tokens per routing window
     anchor: str = "first"  # first (causal, cache-safe) | last (released code; looks ahead)
+    # LiME prompt tuning routes on the mean embedding of: prompt (the tokens before the answer, the same in
+    # training and generation) | input (released code: the whole input, answer tokens included in training)
+    prompt_context: str = "prompt"
 
     def __post_init__(self) -> None:
         _one_of(self.router, "routing.router", ROUTERS)
@@ -68,6 +72,7 @@ class RoutingConfig:
         _one_of(self.channels, "routing.channels", CHANNELS)
         _one_of(self.selection, "routing.selection", SELECTIONS)
         _one_of(self.anchor, "routing.anchor", ANCHORS)
+        _one_of(self.prompt_context, "routing.prompt_context", PROMPT_CONTEXTS)
         _require(0.0 <= self.gamma_routing <= 1.0, "routing.gamma_routing", f"{self.gamma_routing} is not in [0, 1]")
         _require(self.temperature > 0, "routing.temperature", f"{self.temperature} must be > 0")
         _require(0.0 <= self.jitter < 1.0, "routing.jitter", f"{self.jitter} is not in [0, 1)")

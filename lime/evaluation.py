@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import ProcessorMixin
 
-from lime import scoring
+from lime import answer_loss, scoring
 from lime.data.collate import Collator, GenerationBatch
 from lime.data.dataset import MMTDataset, SkipLog
 from lime.data.mmt47 import Taxonomy
@@ -36,10 +36,12 @@ class GenerationError(RuntimeError):
 
 def generate_split(
     model: nn.Module, processor: ProcessorMixin, dataset: MMTDataset, batch_size: int, max_new_tokens: int,
-    on_error: str = "raise", skip_log: SkipLog | None = None,
+    on_error: str = "raise", skip_log: SkipLog | None = None, max_length: int | None = None,
+    truncation: str = "error",
 ) -> list[dict[str, Any]]:
-    """One row per sample: id, question, answer, prediction (None where generation failed), error."""
-    collator = Collator(processor, mode="generate", skip_log=skip_log,
+    """One row per sample: id, question, answer, prediction (None where generation failed), error. A prompt
+    longer than `max_length` (data.max_length) is an error or, with truncation="skip", a counted skip."""
+    collator = Collator(processor, mode="generate", max_length=max_length, truncation=truncation, skip_log=skip_log,
                         instruction_clusters=getattr(model, "lime_clusters", None))  # MoCLE's clustering
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     tokenizer = processor.tokenizer
@@ -81,16 +83,21 @@ def _generate(model: nn.Module, tokenizer: Any, batch: GenerationBatch, max_new_
 def evaluate(
     model: nn.Module, processor: ProcessorMixin, splits: Mapping[str, MMTDataset], taxonomy: Taxonomy,
     run_dir: Path, batch_size: int, max_new_tokens: int, scorer: str = "strict", on_error: str = "raise",
+    max_length: int | None = None, truncation: str = "error", skip_log: SkipLog | None = None,
 ) -> dict[str, Any]:
-    """Generate, score with both scorers, write predictions and results; return the results dict."""
+    """Generate, score with both scorers, write predictions and results; return the results dict.
+
+    Skipped test samples (`skip_log`, which may already hold those left out before training) are listed in
+    results.json under "skipped_samples"."""
     model.eval()
     other = "lenient" if scorer == "strict" else "strict"
     scores: dict[str, dict] = {scorer: {}, other: {}}
     counts: dict[str, int] = {}
-    skip_log = SkipLog()
+    skip_log = SkipLog() if skip_log is None else skip_log
     for split, dataset in splits.items():
         task = taxonomy.split_info(split).task
-        rows = generate_split(model, processor, dataset, batch_size, max_new_tokens, on_error, skip_log)
+        rows = generate_split(model, processor, dataset, batch_size, max_new_tokens, on_error, skip_log,
+                              max_length, truncation)
         if not rows:
             raise GenerationError(f"{split}: no sample could be evaluated ({skip_log.summary()})")
         metric = taxonomy.metric(task)
@@ -109,7 +116,9 @@ def evaluate(
                   if any(task in scores[scorer] for task in tasks)}
     results = write_results(run_dir, scores[scorer], categories, scorer, counts,
                             other_scorers={other: scores[other]})
-    return results
+    results["skipped_samples"] = skip_log.as_list()
+    # The teacher-forced loss of the gold answers, a continuous score beside accuracy (lime/answer_loss.py).
+    return answer_loss.add_to_results(model, processor, splits, taxonomy, run_dir, results, batch_size)
 
 
 def format_table(results: Mapping[str, Any]) -> str:

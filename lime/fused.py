@@ -29,16 +29,13 @@ instead: with one token per sequence, ẑ and P at full width are tiny and the f
 factored form, and the router reads ẑ directly. On the CPU the cost of a decoding step is the number of
 small ops, not their size.
 
-Outside autograd (evaluation, generation) the token-independent pieces (K, s μ ⊙ B, the router's heads,
-DoRA's μ, which costs a pass over W) are kept between calls and rebuilt when any tensor they are made of
-changes (identity, storage and version counter, which in-place updates such as optimizer steps and
-`load_state_dict` bump; writes through `.data` bypass the version counter, so call
-`layer._factor_cache.clear()` after those).
+Cached decoding (no autograd, a KV cache) keeps the token-independent pieces (K, s μ ⊙ B, the router's
+heads, DoRA's μ, which costs a pass over W) with the KV cache for the whole decoding run
+(lime.context.CacheState); every other call builds them afresh, so no parameter update can leave them stale.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,31 +81,6 @@ def factors(
                    expert_vectors.to(dtype), shared)
 
 
-def _cache_key(tensors: list[Tensor], dtype: torch.dtype) -> tuple | None:
-    try:
-        return (dtype, *((id(t), t.data_ptr(), t._version) for t in tensors))
-    except RuntimeError:  # inference tensors have no version counter: do not cache
-        return None
-
-
-class FactorCache:
-    """`factors` of one layer, kept between calls made without autograd (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value: Factors | None = None
-
-    def get(self, tensors: list[Tensor], dtype: torch.dtype, build: Callable[[], Factors]) -> Factors:
-        """The kept factors if none of `tensors` changed since they were built, else `build()` (kept)."""
-        key = _cache_key(tensors, dtype)
-        if key is None or key != self.key:
-            self.value, self.key = build(), key
-        return self.value
-
-    def clear(self) -> None:
-        self.key = self.value = None
-
-
 def hidden_and_base(adapter: LowRankAdapter, x: Tensor, base: nn.Linear, mu: Tensor | None) -> tuple[Tensor, Tensor]:
     """(u, z) as the adapter's own forward computes them: u (..., r) and the base output z (under μ: μ ⊙ W x + b)."""
     return adapter.hidden(x), adapter.base_output(x, base, mu)
@@ -141,5 +113,5 @@ def modulated_direct(z: Tensor, delta: Tensor, weights: Tensor, f: Factors, keep
 
 
 __all__ = [
-    "FactorCache", "Factors", "factors", "hidden_and_base", "is_low_rank", "modulated_direct", "modulated_output",
+    "Factors", "factors", "hidden_and_base", "is_low_rank", "modulated_direct", "modulated_output",
 ]

@@ -15,7 +15,7 @@ from torch import nn
 import lime.moe  # noqa: F401  (registers the MoE-PEFT baselines)
 from lime.adapters import build_adapter
 from lime.config import ConfigError, LiMEConfig
-from lime.context import TextContext, track_text_mask
+from lime.context import TextContext, VisionContext, track_text_mask, track_vision_sequences
 from lime.layer import LiMELinear, PEFTLinear
 from lime.mocle import track_instruction_clusters  # (and registers MoCLE)
 from lime.registry import METHODS, VARIANTS, Variant, register_method
@@ -131,6 +131,7 @@ def apply_lime(model: nn.Module, config: LiMEConfig) -> nn.Module:
 
         attach_prompt(model, text_model, config)
     else:
+        vision = VisionContext()
         context = TextContext()
         build = METHODS[config.method].layer
         for name in names:
@@ -138,8 +139,9 @@ def apply_lime(model: nn.Module, config: LiMEConfig) -> nn.Module:
             parent = model.get_submodule(parent_name)
             in_text = text_prefix == "" or name.startswith(text_prefix + ".")
             base = getattr(parent, child)
-            setattr(parent, child, build(base, config, context if in_text else None).train(base.training))
-        model.lime_hooks = [track_text_mask(text_model, context), track_instruction_clusters(model, context)]
+            setattr(parent, child, build(base, config, context if in_text else vision).train(base.training))
+        model.lime_hooks = [*track_text_mask(text_model, context), *track_vision_sequences(model, vision),
+                            track_instruction_clusters(model, context)]
     model.lime_config = config
     return model
 

@@ -16,14 +16,24 @@ from lime import fused
 from lime.adapters import Adapter, build_adapter
 from lime.balance import RoutingStats, routing_stats
 from lime.config import LiMEConfig
-from lime.context import TextContext
-from lime.fused import FactorCache, Factors, hidden_and_base, is_low_rank, modulated_direct, modulated_output
+from lime.context import CacheState, TextContext, VisionContext
+from lime.fused import Factors, hidden_and_base, is_low_rank, modulated_direct, modulated_output
 from lime.routing import Router
 
 
 def _as_sequences(x: Tensor) -> Tensor:
     """View any (..., T, d) input as (B, T, d); a 2-D input (Qwen2-VL's vision tower) is one sequence."""
     return x.unsqueeze(0) if x.dim() == 2 else x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def token_layout(context: TextContext | VisionContext | None, x: Tensor, batch: int, num_new: int,
+                 ) -> tuple[Tensor, CacheState | None, tuple[Tensor, Tensor] | None]:
+    """What a layer call over `num_new` new tokens per sequence needs to know about its token axis:
+    (B, past + T) bool, True at real tokens; the state kept with the KV cache; packed-sequence bounds."""
+    if context is None:  # every token is real, each row one sequence
+        return torch.ones(batch, num_new, dtype=torch.bool, device=x.device), None, None
+    bounds = context.bounds(num_new) if x.dim() == 2 else None
+    return context.valid(batch, num_new, x.device), context.state, bounds
 
 
 def add_expert_vectors(module: nn.Module, width: int, config: LiMEConfig, dtype: torch.dtype,
@@ -77,7 +87,8 @@ class LiMELinear(PEFTLinear):
     fused = True  # take the fast paths of lime.fused where the delta producer is low-rank
     direct_max_tokens = 256  # without autograd, up to this many tokens per call use `modulated_direct`
 
-    def __init__(self, base: nn.Linear, config: LiMEConfig, text_context: TextContext | None = None) -> None:
+    def __init__(self, base: nn.Linear, config: LiMEConfig,
+                 text_context: TextContext | VisionContext | None = None) -> None:
         super().__init__(base, build_adapter(base, config))
         dtype, device = getattr(torch, config.param_dtype), base.weight.device
         d_out = base.out_features
@@ -85,7 +96,8 @@ class LiMELinear(PEFTLinear):
         self.router = Router(base.in_features, d_out, config.num_experts, config.routing).to(device)
         if self.router.proj is not None:
             self.router.proj.to(dtype)
-        # A plain attribute, not a submodule: it is shared by every layer of the language model.
+        # A plain attribute, not a submodule: shared by every layer of the language model (TextContext) or of
+        # the vision tower (VisionContext); None: every token is real and each row is one sequence.
         self.text_context = text_context
         self.track_routing = False  # record routing statistics outside training too
         self.routing_stats: RoutingStats | None = None
@@ -98,7 +110,7 @@ class LiMELinear(PEFTLinear):
         return mix + self.shared_gate.to(dtype) * self.shared_vector.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        """h = z + ẑ ⊙ P + γ · (ẑ ⊙ p_s) for every token; padding positions keep z.
+        """h = z + ẑ ⊙ P + γ · (ẑ ⊙ p_s) for every token; padding positions keep the frozen output W x + b.
 
         LoRA, LoRA-FA, DoRA and SliceFine take the fast paths of `lime.fused`. With autograd, or for more than
         `direct_max_tokens` tokens: h = z + Q Kᵀ, one product of rank r·(E+1) that never builds or saves ẑ and
@@ -110,18 +122,21 @@ class LiMELinear(PEFTLinear):
             return self.reference_forward(x)
         sequences = _as_sequences(x)
         batch, num_new = sequences.shape[:2]
-        f = self._factors(sequences.dtype)
-        hidden, z = hidden_and_base(self.adapter, sequences, self.base, f.mu)  # u (rank r) and z
-        valid = self._valid(batch, num_new, x.device)
+        valid, state, bounds = token_layout(self.text_context, x, batch, num_new)
         new_valid = valid[:, -num_new:]
         keep = new_valid if self.text_context is not None and self.text_context.mask is not None else None
+        f = self._factors(sequences.dtype, state)
+        hidden, z = hidden_and_base(self.adapter, sequences, self.base, None)  # u (rank r) and W x + b
+        if f.mu is not None:
+            z = self._rescaled(z, f.mu, keep)
+        route = {"memory": state, "bounds": bounds}
         if not torch.is_grad_enabled() and batch * num_new <= self.direct_max_tokens:
             delta = F.linear(hidden, f.heads)  # ẑ
-            weights, routed, selected = self.router(sequences, z, delta, valid)
+            weights, routed, selected = self.router(sequences, z, delta, valid, **route)
             h = modulated_direct(z, delta, routed, f, keep)
         else:
             # The router reads Z = z[..., C] and Ẑ = ẑ[..., C]; ẑ is computed at those channels only.
-            weights, routed, selected = self.router(sequences, z, self._router_delta(hidden, f, z), valid)
+            weights, routed, selected = self.router(sequences, z, self._router_delta(hidden, f, z), valid, **route)
             h = modulated_output(z, hidden, routed, f.k, keep)  # z + Q Kᵀ = z + ẑ ⊙ (P + γ p_s)
         if self.training or self.track_routing:
             self.routing_stats = routing_stats(weights, selected, new_valid)
@@ -132,8 +147,8 @@ class LiMELinear(PEFTLinear):
         sequences = _as_sequences(x)
         batch, num_new = sequences.shape[:2]
         z, delta = self.adapter(sequences, self.base)
-        valid = self._valid(batch, num_new, x.device)
-        weights, routed, selected = self.router(sequences, z, delta, valid)
+        valid, state, bounds = token_layout(self.text_context, x, batch, num_new)
+        weights, routed, selected = self.router(sequences, z, delta, valid, memory=state, bounds=bounds)
         new_valid = valid[:, -num_new:]
         if self.training or self.track_routing:
             self.routing_stats = routing_stats(weights, selected, new_valid)
@@ -141,17 +156,21 @@ class LiMELinear(PEFTLinear):
         h = z + delta * self.modulation(routed, delta.dtype)
 
         if self.text_context is not None and self.text_context.mask is not None:
-            h = torch.where(new_valid.unsqueeze(-1), h, z)  # padding keeps the frozen output
+            # Padding keeps the frozen output (W x + b: for DoRA, not its rescaled μ ⊙ W x + b).
+            h = torch.where(new_valid.unsqueeze(-1), h, self.base(sequences))
         return h.reshape(*x.shape[:-1], h.shape[-1])
 
-    def _valid(self, batch: int, num_new: int, device: torch.device) -> Tensor:
-        """(B, past + T) bool, True at real tokens."""
-        if self.text_context is None:  # vision tower: every patch is real
-            return torch.ones(batch, num_new, dtype=torch.bool, device=device)
-        return self.text_context.valid(batch, num_new, device)
+    def _rescaled(self, frozen: Tensor, mu: Tensor, keep: Tensor | None) -> Tensor:
+        """z = μ ⊙ W x + b (DoRA) from the frozen output W x + b: μ ⊙ (W x + b) + (1 − μ) ⊙ b. Padding keeps
+        W x + b itself, as in every other variant (and autograd keeps no per-token μ for the backward)."""
+        bias = self.base.bias
+        z = mu * frozen if bias is None else torch.addcmul((1.0 - mu) * bias.to(mu.dtype), mu, frozen)
+        return z if keep is None else torch.where(keep.unsqueeze(-1), z, frozen)
 
-    def _factors(self, dtype: torch.dtype) -> Factors:
-        """K, the router's heads and DoRA's μ (lime.fused); kept between calls made without autograd."""
+    def _factors(self, dtype: torch.dtype, state: CacheState | None) -> Factors:
+        """K, the router's heads and DoRA's μ (lime.fused), built for this call; during cached decoding
+        (no autograd, a KV cache) built once per cache and kept with it, since the parameters cannot change
+        inside one decoding run. No other call reuses them, so no way of updating a parameter leaves them stale."""
         router = self.router
         channels = router.channels if router.proj is None else None
 
@@ -160,16 +179,9 @@ class LiMELinear(PEFTLinear):
                 self.adapter, self.base, self.expert_vectors, self.shared_gate, self.shared_vector, channels, dtype
             )
 
-        if torch.is_grad_enabled():  # training: K is part of the graph
+        if state is None or torch.is_grad_enabled():  # training: K is part of the graph
             return build()
-        cache = self.__dict__.get("_factor_cache")
-        if cache is None:
-            cache = self.__dict__["_factor_cache"] = FactorCache()
-        # Straight from the parameter dicts (not .parameters()): this runs for every token of a generation.
-        modules = self._modules
-        tensors = [*modules["adapter"]._parameters.values(), *self._parameters.values(),
-                   modules["base"]._parameters["weight"]]
-        return cache.get([t for t in tensors if t is not None], dtype, build)
+        return state.layer_factors(self, dtype, build)
 
     def _router_delta(self, hidden: Tensor, f: Factors, z: Tensor) -> Tensor:
         """A tensor whose [..., C] is Ẑ = ẑ[..., C], for `Router` (which indexes its inputs at its channels C)."""

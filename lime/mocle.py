@@ -262,7 +262,7 @@ class MoCLELinear(PEFTLinear):
     """
 
     def __init__(self, base: nn.Linear, config: LiMEConfig, text_context: TextContext | None = None) -> None:
-        if text_context is None:
+        if not isinstance(text_context, TextContext):  # None, or the vision tower's VisionContext
             raise ValueError("peft.language_model_only: MoCLE routes by each sample's instruction cluster, which "
                              "the vision tower's rows (image crops, frames) do not carry; set it to true")
         dtype, device = getattr(torch, config.param_dtype), base.weight.device

@@ -62,7 +62,7 @@ from lime.adapters import LoRA, LoRAFA
 from lime.balance import RoutingStats, routing_stats
 from lime.config import LiMEConfig
 from lime.context import TextContext
-from lime.layer import PEFTLinear, _as_sequences
+from lime.layer import PEFTLinear, _as_sequences, token_layout
 from lime.registry import Variant, register_method
 from lime.routing import Router
 
@@ -120,12 +120,9 @@ class RoutedLinear(PEFTLinear):
         x: the layer's input as it came; sequences: x viewed as (B, T, d_in); frozen: the frozen output z.
         """
         batch, num_new = sequences.shape[:2]
-        if self.text_context is None:  # vision tower: every patch is real
-            valid = torch.ones(batch, num_new, dtype=torch.bool, device=sequences.device)
-        else:
-            valid = self.text_context.valid(batch, num_new, sequences.device)
+        valid, state, bounds = token_layout(self.text_context, x, batch, num_new)
         # A learned router reads x only; z is passed for the zero-parameter router's signature.
-        weights, routed, selected = self.router(sequences, frozen, frozen, valid)
+        weights, routed, selected = self.router(sequences, frozen, frozen, valid, memory=state, bounds=bounds)
         new_valid = valid[:, -num_new:]
         if self.training or self.track_routing:
             self.routing_stats = routing_stats(weights, selected, new_valid)

@@ -2,16 +2,18 @@
 
 LiME adapts a *pretrained* model. A randomly initialised tiny LLaVA-OneVision gives adapters of a few thousand
 parameters nothing to modulate, so the tiny model configs carry a `pretrain` block: the whole tiny model is
-first trained on a pretraining split of mmt_mini drawn with another generator seed (an independent draw: no
-sample is taken from the benchmark, though tasks with few distinct samples repeat some, exactly as the
-benchmark's own train and test splits do), then saved with `save_pretrained` next to its processor and cached.
-The PEFT run then loads it through the same `from_pretrained` path as a hub checkpoint, freezes it and adapts
-it, as in the paper. Built once per (architecture, pretraining recipe, benchmark generator settings), reused
-after.
+first trained on mmt_mini's *pretraining mixture* (lime/data/mmt_mini.py), drawn with another generator
+seed: captions of every scene kind the benchmark's visual tasks show ("Describe the video." -> "a red circle
+moves left") and generic sentences to continue. It teaches perception and language, not the benchmark's
+questions or answer formats, so the backbone alone scores near zero on the benchmark and what an adapter
+learns decides the score. The model is saved with `save_pretrained` next to its processor and cached; the PEFT
+run loads it through the same `from_pretrained` path as a hub checkpoint, freezes it and adapts it, as in the
+paper. Built once per (architecture, pretraining recipe, image and video sizes), reused after.
 
-Next to the weights, `backbone_results.json` (and `backbone_eval/`: results.csv, predictions/) holds the
-backbone's own scores on the benchmark's test splits before any adaptation, computed once when it is built:
-the honest baseline the adapted model is compared with ("backbone alone" vs "after LiME").
+Next to the weights, `benchmark-<key of the benchmark's generator settings>/backbone_results.json` (and
+`backbone_eval/`: results.csv, predictions/) holds the backbone's own scores on that benchmark's test splits
+before any adaptation, computed once per benchmark copy: the honest baseline the adapted model is compared
+with ("backbone alone" vs "after LiME").
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
 
 from lime import evaluation, models
 from lime.checkpoint import atomic_directory
 from lime.data import dataset as data
+from lime.data import mmt_mini
 from lime.data.collate import Collator
 from lime.data.mmt47 import TRAIN_SPLIT, Taxonomy
 
@@ -37,23 +41,35 @@ logger = logging.getLogger(__name__)
 COMPLETE = "pretrained.json"
 BASELINE = "backbone_results.json"
 # Bump when what is trained or recorded changes: it is part of the cache key.
-PRETRAIN_VERSION = 2
+PRETRAIN_VERSION = 3
 
 
 def backbone_dir(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> Path:
+    """The cached weights: one per architecture, pretraining recipe and media sizes (not the benchmark's size)."""
+    params = mmt_mini.generator_params(data_cfg["generate"])
     recipe = {"tiny": model_cfg["tiny"], "family": model_cfg["family"], "seed": model_cfg.get("seed", 0),
               "pretrain": {k: v for k, v in model_cfg["pretrain"].items() if k != "cache_dir"},
-              "generate": data_cfg["generate"], "version": PRETRAIN_VERSION}
+              "media": {k: params[k] for k in ("image_size", "video_size")}, "version": PRETRAIN_VERSION,
+              "mixture_version": mmt_mini.GENERATOR_VERSION,
+              # how video frames are sampled changes what the backbone is trained on
+              "frames": [data_cfg.get("num_frames", 8), data_cfg.get("frame_sampling", "floor"),
+                         data_cfg.get("pad_short_clips", "eval")]}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = Path(str(model_cfg["pretrain"].get("cache_dir") or "~/.cache/lime/backbones")).expanduser()
     return root / f"{model_cfg['name']}-{key}"
 
 
-def pretraining_data(data_cfg: Mapping[str, Any], seed: int) -> data.MMTDataset:
-    """The train split of mmt_mini generated with seed `seed` (the benchmark itself uses another seed)."""
-    cfg = {**data_cfg, "path": None, "media_root": None, "categories": None, "tasks": None,
-           "max_train_samples": None, "max_eval_samples": 1, "generate": {**data_cfg["generate"], "seed": seed}}
-    return data.build(cfg)["train"]
+def baseline_dir(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> Path:
+    """The backbone alone scored on one benchmark copy (its generator settings): beside the weights."""
+    key = mmt_mini.cache_key(mmt_mini.generator_params(data_cfg["generate"]))
+    return backbone_dir(model_cfg, data_cfg) / f"benchmark-{key}"
+
+
+def pretraining_data(data_cfg: Mapping[str, Any], recipe: Mapping[str, Any]) -> data.MMTDataset:
+    """The pretraining mixture of `recipe` (data_seed, samples) at the benchmark's image and video sizes."""
+    root = mmt_mini.ensure_pretraining(data_cfg, int(recipe["data_seed"]), int(recipe["samples"]))
+    rows = datasets.load_from_disk(str(root / mmt_mini.DATASET_DIR))[TRAIN_SPLIT]
+    return data.MMTDataset(rows, "pretrain", root / mmt_mini.MEDIA_DIR, int(data_cfg.get("num_frames", 8)))
 
 
 def benchmark_tests(data_cfg: Mapping[str, Any]) -> dict[str, data.MMTDataset]:
@@ -109,7 +125,7 @@ def _pretrain(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], out_dir
     recipe = model_cfg["pretrain"]
     model, processor = models.build({**model_cfg, "pretrain": None})
     start = time.perf_counter()
-    dataset = _Decoded(pretraining_data(data_cfg, int(recipe["data_seed"])))
+    dataset = _Decoded(pretraining_data(data_cfg, recipe))
     data_seconds = time.perf_counter() - start
     generator = torch.Generator().manual_seed(int(model_cfg.get("seed", 0)))
     loader = DataLoader(dataset, batch_size=int(recipe["batch_size"]), shuffle=True, generator=generator,
@@ -144,27 +160,35 @@ def _pretrain(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], out_dir
             "first_loss": losses[0], "final_loss": losses[-1], "final_loss_mean_last_50": sum(tail) / len(tail),
             "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
             "threads": torch.get_num_threads(),
-            "recipe": dict(recipe), "benchmark_generate": dict(data_cfg["generate"]), "version": PRETRAIN_VERSION}
-    model.eval()
+            "recipe": dict(recipe), "version": PRETRAIN_VERSION}
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        start = time.perf_counter()
-        results = evaluate_backbone(model, processor, data_cfg, tmp / "backbone_eval")
-        info["eval_seconds"] = round(time.perf_counter() - start, 1)
-        info["backbone_alone"] = results.get("overall")
-        (tmp / BASELINE).write_text(json.dumps(results, indent=2) + "\n")
         (tmp / COMPLETE).write_text(json.dumps(info, indent=2, default=str))
+    return info
+
+
+def score_backbone(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Score the cached backbone alone on the data config's benchmark copy, once; its results.json dict."""
+    out_dir = baseline_dir(model_cfg, data_cfg)
+    with torch.random.fork_rng(devices=[]):  # as in `pretrain`: the run's own draws stay the same
+        model, processor = models.build({**model_cfg, "name_or_path": str(out_dir.parent), "tiny": None,
+                                         "pretrain": None})
+        start = time.perf_counter()
+        with atomic_directory(out_dir) as tmp:
+            results = evaluate_backbone(model, processor, data_cfg, tmp / "backbone_eval")
+            results["eval_seconds"] = round(time.perf_counter() - start, 1)
+            (tmp / BASELINE).write_text(json.dumps(results, indent=2) + "\n")
     logger.info("the tiny backbone alone (before adaptation), on the benchmark's test splits:\n%s",
                 evaluation.format_table(results))
-    return info
+    return results
 
 
 def backbone_results(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     """The cached scores of the pretrained backbone alone (results.json format), or None without one."""
     if not model_cfg.get("pretrain") or not model_cfg.get("tiny") or data_cfg.get("generate") is None:
         return None
-    path = backbone_dir(model_cfg, data_cfg) / BASELINE
+    path = baseline_dir(model_cfg, data_cfg) / BASELINE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -181,13 +205,11 @@ def ensure_backbone(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -
     if not (out_dir / COMPLETE).is_file():
         logger.info("pretraining the tiny backbone once (cached in %s)", out_dir)
         info = pretrain(model_cfg, data_cfg, out_dir)
-        logger.info("tiny backbone: loss %.3f -> %.3f in %ss (+ %ss decoding, %ss evaluating)",
-                    info["first_loss"], info["final_loss_mean_last_50"], info["train_seconds"],
-                    info["data_seconds"], info["eval_seconds"])
-    else:
-        baseline = backbone_results(model_cfg, data_cfg) or {}
-        logger.info("cached pretrained tiny backbone %s; alone it scores %s (mean of tasks, %s)", out_dir,
-                    baseline.get("overall", {}).get("mean_of_tasks"), baseline.get("scorer"))
+        logger.info("tiny backbone: loss %.3f -> %.3f in %ss (+ %ss decoding)", info["first_loss"],
+                    info["final_loss_mean_last_50"], info["train_seconds"], info["data_seconds"])
+    baseline = backbone_results(model_cfg, data_cfg) or score_backbone(model_cfg, data_cfg)
+    logger.info("pretrained tiny backbone %s; alone it scores %s (mean of tasks, %s)", out_dir,
+                baseline.get("overall", {}).get("mean_of_tasks"), baseline.get("scorer"))
     return {**model_cfg, "name_or_path": str(out_dir), "tiny": None, "pretrain": None}
 
 

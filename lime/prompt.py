@@ -5,13 +5,21 @@ N virtual tokens are prepended to the language model's input embeddings:
     prompt = base + δ ⊙ P + γ · δ ⊙ p_s          (plain prompt tuning: prompt = base + δ)
 
 base (N x d) is frozen and initialised from vocabulary embeddings, δ is trainable (zero init). Routing is per
-sample: Z = (base + c)[..., C], Ẑ = δ[..., C], c the mean of the sample's non-pad input embeddings.
+sample: Z = (base + c)[..., C], Ẑ = δ[..., C], c the mean embedding of the sample's prompt: its non-pad tokens
+before the first answer token. In training the answer starts at the first position whose `label` (passed to
+the model) is not -100; in generation the first forward holds the prompt alone, or, in assisted and
+prompt-lookup decoding, the prompt and k - 1 drafted tokens, of which it asks the last k logits
+(`logits_to_keep=k`). So teacher-forced training and every decoding strategy route on the same c. A full
+forward with neither (e.g. `generate(use_cache=False)`, which reruns the whole sequence) takes every token as
+the prompt.
+`routing.prompt_context=input` keeps the released code's c, the mean over the whole input (answer included in
+training, which generation cannot see).
 
-Two hooks on the language model do the work, so the model's `forward` and `generate` are untouched and the
-prompts are present in both: a pre-hook prepends the prompts (at a prefill) and extends the attention mask and
-position ids (at every call, so cached decoding sees N more positions); a post-hook removes the N prompt
-positions from the hidden states of a prefill, so logits and labels keep the caller's length and labels need
-no extension.
+Hooks do the work, so the model's `forward` and `generate` are untouched and the prompts are present in both.
+On the model, one records the `labels` and `logits_to_keep` of each call (to find the prompt). On the language
+model, a pre-hook prepends the prompts (at a prefill) and extends the attention mask and position ids (at every
+call, so cached decoding sees N more positions); a post-hook removes the N prompt positions from the hidden
+states of a prefill, so logits and labels keep the caller's length and labels need no extension.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from lime.config import LiMEConfig
 from lime.context import _cache_length
 from lime.layer import add_expert_vectors
 from lime.routing import Router
+
+IGNORE_INDEX = -100  # label of the positions the loss skips (the prompt, padding)
 
 
 class PromptTuning(nn.Module):
@@ -82,6 +92,24 @@ def _mean_embedding(embeds: Tensor, mask: Tensor | None) -> Tensor:
     return (embeds * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
+def _prompt_mask(mask: Tensor | None, labels: Tensor | None, logits_to_keep: Any, shape: torch.Size,
+                 ) -> Tensor | None:
+    """(B, T) bool: the non-pad tokens of the prompt, before each row's first answer token: the first label
+    that is not -100; without labels, the last k - 1 positions of a call that asks for k logits are drafted
+    tokens (assisted decoding); otherwise every token is the prompt (a generation prefill)."""
+    if labels is not None:
+        if labels.shape != shape:
+            raise ValueError(f"LiME prompt tuning: labels of shape {tuple(labels.shape)} do not match the language "
+                             f"model's input of shape {tuple(shape)}; it routes on the tokens before the answer")
+        before_answer = (labels != IGNORE_INDEX).long().cumsum(dim=-1) == 0
+    elif isinstance(logits_to_keep, int) and logits_to_keep > 1:
+        before_answer = torch.arange(shape[1], device=mask.device if mask is not None else None)
+        before_answer = (before_answer <= shape[1] - logits_to_keep).expand(*shape)
+    else:
+        return mask
+    return before_answer if mask is None else before_answer & mask.bool()
+
+
 def _shift_positions(position_ids: Tensor, n: int, prefill: bool) -> Tensor:
     """Positions of (..., T) shifted past the prompts; at a prefill the prompts take 0 … N-1 in front."""
     shifted = position_ids + n
@@ -96,7 +124,8 @@ def attach_prompt(model: nn.Module, text_model: nn.Module, config: LiMEConfig) -
     prompt = PromptTuning(text_model.get_input_embeddings(), config).train(text_model.training)
     model.lime_prompt = prompt
     n = prompt.num_virtual_tokens
-    state: dict[str, bool] = {"prefill": False}
+    state: dict[str, Any] = {"prefill": False, "labels": None, "logits_to_keep": None}
+    whole_input = config.routing.prompt_context == "input"
 
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         if args:
@@ -110,7 +139,9 @@ def attach_prompt(model: nn.Module, text_model: nn.Module, config: LiMEConfig) -
             raise ValueError("LiME prompt tuning needs the 2-D padding mask at the language model")
         state["prefill"] = _cache_length(kwargs.get("past_key_values")) == 0
         if state["prefill"]:
-            prompts = prompt(_mean_embedding(embeds, mask)).to(embeds.dtype)
+            routed_on = mask if whole_input else \
+                _prompt_mask(mask, state["labels"], state["logits_to_keep"], embeds.shape[:2])
+            prompts = prompt(_mean_embedding(embeds, routed_on)).to(embeds.dtype)
             embeds = torch.cat([prompts, embeds], dim=1)
         kwargs["inputs_embeds"] = embeds
         if mask is not None:
@@ -126,8 +157,17 @@ def attach_prompt(model: nn.Module, text_model: nn.Module, config: LiMEConfig) -
                 output.hidden_states = tuple(h[:, n:] for h in output.hidden_states)
         return output
 
+    def record_answer(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        state["labels"], state["logits_to_keep"] = kwargs.get("labels"), kwargs.get("logits_to_keep")
+
+    def forget_answer(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        state["labels"] = state["logits_to_keep"] = None
+
     model.lime_hooks = [
         text_model.register_forward_pre_hook(before, with_kwargs=True),
         text_model.register_forward_hook(after, with_kwargs=True),
     ]
+    if model is not text_model:
+        model.lime_hooks += [model.register_forward_pre_hook(record_answer, with_kwargs=True),
+                             model.register_forward_hook(forget_answer, with_kwargs=True, always_call=True)]
     return prompt

@@ -1,15 +1,21 @@
 """Zero-parameter routing (SPEC section 2): logits, expert selection and n-gram windows.
 
 The functions are pure tensor code over a trailing expert axis E; `Router` strings them together for one
-layer and keeps the one piece of state cached decoding needs (the weights of the current window's anchor).
+layer. It keeps no state: what cached decoding needs (the weights of the positions n-gram windows reach back
+to) lives with the KV cache (lime.context.CacheState).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from lime.config import RoutingConfig
+
+if TYPE_CHECKING:
+    from lime.context import CacheState
 
 NORM_FLOOR = 1e-6
 
@@ -88,30 +94,30 @@ def token_indices(valid: Tensor) -> Tensor:
 
 
 def window_anchors(
-    valid: Tensor, num_new: int, n_gram: int, anchor: str
-) -> tuple[Tensor, Tensor]:
-    """For the last `num_new` positions of `valid` (B, L), where each token's routing anchor is.
+    valid: Tensor, num_new: int, n_gram: int, anchor: str, bounds: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """For the last `num_new` positions of `valid` (B, L), the position (on the L axis) of each one's anchor.
 
-    Windows hold n consecutive non-pad tokens counted from each sequence's first non-pad token. Returns
-    `anchor_pos` (B, num_new): the anchor's position among the new tokens (a token's own position when it is
-    a pad) and `anchor_in_past` (B, num_new): the anchor lies before the new tokens (cached decoding).
+    Windows hold n consecutive non-pad tokens counted from each sequence's first non-pad token. A row holds one
+    sequence, or, with `bounds` (first, last) (B, L), several packed ones: the index among the row's non-pad
+    tokens of the first and last token of each token's own sequence. Pads are their own anchors. Anchors before
+    the new tokens (cached decoding) have positions < L - num_new.
     """
     index = token_indices(valid)
     new_index, new_valid = index[:, -num_new:], valid[:, -num_new:]
-    window_start = torch.div(new_index.clamp_min(0), n_gram, rounding_mode="floor") * n_gram
-    if anchor == "first":
-        anchor_index = window_start
-    else:  # last: the window's final token, or the sequence's final token for a short last window
-        last_index = index[:, -1:]
-        anchor_index = torch.minimum(window_start + n_gram - 1, last_index)
-    # `new_index` is non-decreasing and steps up exactly at non-pad tokens, so the first position whose index
+    if bounds is None:
+        first, last = torch.zeros_like(new_index), index[:, -1:]
+    else:
+        first, last = bounds[0][:, -num_new:], bounds[1][:, -num_new:]
+    offset = (new_index - first).clamp_min(0)
+    window_start = first + torch.div(offset, n_gram, rounding_mode="floor") * n_gram
+    # last: the window's final token, or the sequence's final token for a short last window
+    anchor_index = window_start if anchor == "first" else torch.minimum(window_start + n_gram - 1, last)
+    # `index` is non-decreasing and steps up exactly at non-pad tokens, so the first position whose index
     # reaches the anchor's index is the anchor itself.
-    anchor_pos = torch.searchsorted(new_index.contiguous(), anchor_index.contiguous(), side="left")
-    first_new_index = index[:, -num_new - 1 : -num_new] + 1 if valid.shape[1] > num_new else 0
-    anchor_in_past = new_valid & (anchor_index < first_new_index)
-    own = torch.arange(num_new, device=valid.device).expand_as(anchor_pos)
-    anchor_pos = torch.where(new_valid & ~anchor_in_past, anchor_pos.clamp_max(num_new - 1), own)
-    return anchor_pos, anchor_in_past
+    anchor_pos = torch.searchsorted(index.contiguous(), anchor_index.contiguous(), side="left")
+    own = torch.arange(valid.shape[1] - num_new, valid.shape[1], device=valid.device).expand_as(anchor_pos)
+    return torch.where(new_valid, anchor_pos, own)
 
 
 class Router(nn.Module):
@@ -119,6 +125,7 @@ class Router(nn.Module):
 
     forward(x, z, z_hat, valid) -> (w, w̃, selected), each (B, T, E):
     w the softmax weights (shared within n-gram windows), w̃ the selected and renormalised weights.
+    The router keeps no state of its own: what cached decoding needs lives with the KV cache (`memory`).
     """
 
     def __init__(self, d_in: int, d_out: int, num_experts: int, cfg: RoutingConfig) -> None:
@@ -132,7 +139,6 @@ class Router(nn.Module):
             channels = channel_indices(d_out, num_experts, cfg.channels, cfg.channel_seed)
             # Derived from the config, so not saved with the adapter.
             self.register_buffer("channels", channels, persistent=False)
-        self.cache: Tensor | None = None  # w of the last token, for cached decoding with n-gram windows
 
     def logits(self, x: Tensor, z: Tensor, z_hat: Tensor, norm_mask: Tensor | None) -> Tensor:
         if self.proj is not None:
@@ -141,19 +147,24 @@ class Router(nn.Module):
         return zero_param_logits(z_feat, z_hat_feat, self.cfg.gamma_routing, self.cfg.temperature,
                                  self.cfg.norm, norm_mask)
 
-    def forward(self, x: Tensor, z: Tensor, z_hat: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x, z, z_hat: (B, T, ·); valid: (B, past + T) bool, True at non-pad tokens (past: cached tokens)."""
+    def forward(
+        self, x: Tensor, z: Tensor, z_hat: Tensor, valid: Tensor, *, memory: CacheState | None = None,
+        bounds: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x, z, z_hat: (B, T, ·); valid: (B, past + T) bool, True at non-pad tokens (past: cached tokens).
+
+        `memory`: the state kept with the KV cache (lime.context.CacheState), which holds the weights of the
+        cached positions that n-gram windows reach back to; `bounds`: packed sequences (`window_anchors`).
+        """
         cfg, num_new = self.cfg, x.shape[-2]
+        past = valid.shape[1] - num_new
+        if past > 0:
+            self._check_cacheable()
         windowed = cfg.n_gram > 1
-        anchor_pos = anchor_in_past = norm_mask = None
+        anchor_pos = norm_mask = None
         if windowed:
-            if valid.shape[1] > num_new and cfg.anchor == "last":
-                raise RuntimeError(
-                    "routing.anchor='last' looks ahead to the end of each n-gram window, so it cannot run "
-                    "under cached generation; use routing.anchor='first' (the default) for generation."
-                )
-            anchor_pos, anchor_in_past = window_anchors(valid, num_new, cfg.n_gram, cfg.anchor)
-            own = torch.arange(num_new, device=x.device)
+            anchor_pos = window_anchors(valid, num_new, cfg.n_gram, cfg.anchor, bounds)
+            own = torch.arange(past, past + num_new, device=x.device)
             norm_mask = valid[:, -num_new:] & (anchor_pos == own)
         elif cfg.norm == "global":
             norm_mask = valid[:, -num_new:]
@@ -162,22 +173,38 @@ class Router(nn.Module):
             logits = apply_jitter(logits, cfg.jitter)
         weights = logits.softmax(dim=-1)
         if windowed:
-            weights = self._share_windows(weights, anchor_pos, anchor_in_past)
+            weights = self._share_windows(weights, anchor_pos, past, memory)
         selected_weights, selected = select_experts(weights, cfg)
         return weights, selected_weights, selected
 
-    def _share_windows(self, weights: Tensor, anchor_pos: Tensor, anchor_in_past: Tensor) -> Tensor:
-        """Every token takes its window's anchor weights; anchors before this call come from the cache."""
-        shared = weights.gather(1, anchor_pos.unsqueeze(-1).expand_as(weights))
-        if anchor_in_past.any():
-            if self.cache is None or self.cache.shape[0] != weights.shape[0]:
-                raise RuntimeError(
-                    "n-gram routing: a decoding step refers to a window opened in an earlier call, but this "
-                    "layer has no routing cache for this batch (was the prefill run through the same model?)."
-                )
-            shared = torch.where(anchor_in_past.unsqueeze(-1), self.cache.unsqueeze(1), shared)
-        self.cache = shared[:, -1].detach()
-        return shared
+    def _check_cacheable(self) -> None:
+        """Settings under which a decoding step cannot compute what the full forward computes."""
+        if self.cfg.n_gram > 1 and self.cfg.anchor == "last":
+            raise RuntimeError(
+                "routing.anchor='last' looks ahead to the end of each n-gram window, so it cannot run "
+                "under cached generation; use routing.anchor='first' (the default) for generation."
+            )
+        if self.cfg.norm == "global" and self.proj is None:
+            raise RuntimeError(
+                "routing.norm='global' normalises by one max over every token of the batch, which a decoding "
+                "step cannot see, so it cannot run under cached generation; use routing.norm='token' (the "
+                "default), or generate with use_cache=False."
+            )
+
+    def _share_windows(self, weights: Tensor, anchor_pos: Tensor, past: int, memory: CacheState | None) -> Tensor:
+        """Every token takes its window's anchor weights; anchors before this call come from `memory`."""
+        if past > 0 and memory is None:
+            raise RuntimeError(
+                "n-gram routing: a decoding step refers to tokens of an earlier call, but no routing state "
+                "came with the KV cache (call the model with the `past_key_values` its prefill returned)."
+            )
+        kept = None if memory is None else memory.past_weights(self, past)
+        every = weights if kept is None else torch.cat([kept.to(weights.dtype), weights], dim=1)
+        if memory is not None:
+            # An anchor's own weights are its window's: the raw weights of every position are all a later
+            # token (or a token after a crop) can need.
+            memory.keep_weights(self, every)
+        return every.gather(1, anchor_pos.unsqueeze(-1).expand(*anchor_pos.shape, every.shape[-1]))
 
 
 def routing_entropy(weights: Tensor) -> Tensor:

@@ -9,13 +9,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import json
 import logging
 import os
 import platform
 import resource
+import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,59 +34,66 @@ from omegaconf import DictConfig, OmegaConf
 import lime
 from lime import evaluation, mocle, models, pretrain, training
 from lime.checkpoint import read_adapter_config
-from lime.config import ConfigError, LiMEConfig
+from lime.config import ConfigError
 from lime.data import dataset as data
-from lime.data.collate import Collator
+from lime.data import mmt47
+from lime.data.collate import Collator, check_lengths
 from lime.data.dataset import SkipLog
 from lime.data.mmt47 import Taxonomy
+from lime.settings import ModelSettings, Settings, WandbSettings, is_hub_id, plain, settings
+from lime.training import StopOnSignal
 
 logger = logging.getLogger(__name__)
 
-TRAINER_CHOICES = {"precision": ("fp32", "bf16", "fp16"), "optimizer": ("adamw_torch", "adamw_8bit", "sgd"),
-                   "scorer": ("strict", "lenient"), "on_generation_error": ("raise", "count")}
-
-
-def plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def check_config(cfg: Mapping[str, Any]) -> LiMEConfig:
-    """Every check that needs no model weights, with messages naming the key; returns the LiME config."""
-    if cfg["mode"] not in ("train", "eval"):
-        raise ConfigError(f"mode: {cfg['mode']!r} is not one of train, eval")
-    trainer = cfg["trainer"]
-    for key, allowed in TRAINER_CHOICES.items():
-        if trainer.get(key) not in allowed:
-            raise ConfigError(f"trainer.{key}: {trainer.get(key)!r} is not one of {', '.join(allowed)}")
-    for key in ("peft_lr", "moe_lr"):
-        value = cfg["peft"].get(key)
-        if not isinstance(value, int | float) or not 0 < value < 1:
-            raise ConfigError(f"peft.{key}: {value!r} must be a learning rate in (0, 1)")
-    for key in ("batch_size", "grad_accum", "eval_batch_size"):
-        if not isinstance(trainer.get(key), int) or trainer[key] < 1:
-            raise ConfigError(f"trainer.{key}: {trainer.get(key)!r} must be a positive integer")
-    if cfg["mode"] == "eval":
-        if not cfg.get("checkpoint"):
-            raise ConfigError("checkpoint: mode=eval needs checkpoint=<run dir or adapter dir>")
-        read_adapter_config(adapter_dir(cfg["checkpoint"]))
-    path, media_root = cfg["data"].get("path"), cfg["data"].get("media_root")
-    if path is not None and not Path(str(path)).expanduser().exists() and not is_hub_id(str(path)):
-        raise ConfigError(f"data.path: {path} does not exist (and is not a hub id like Kowsher/MMT-47)")
-    if media_root is not None and not Path(str(media_root)).expanduser().is_dir():
-        raise ConfigError(f"data.media_root: {media_root} is not a directory")
-    if cfg["mode"] == "eval":
-        config = lime.checkpoint.config_from_meta(read_adapter_config(adapter_dir(cfg["checkpoint"])))
-    else:
-        config = LiMEConfig.from_groups(cfg["peft"], cfg["routing"])
-    routing = config.routing
-    if routing.anchor == "last" and routing.n_gram > 1 and trainer.get("evaluate", True):
+def check_config(cfg: Mapping[str, Any]) -> Settings:
+    """Every check that needs no model weights, with messages naming the key: the typed settings of each group
+    (lime.settings), the adapter of mode=eval, whether the model's weights are here, and the routing anchor."""
+    checked = settings(cfg)
+    if checked.mode == "eval":
+        checked.lime = lime.checkpoint.config_from_meta(read_adapter_config(adapter_dir(checked.checkpoint)))
+    check_weights(checked.model)
+    routing = checked.lime.routing
+    if routing.anchor == "last" and routing.n_gram > 1 and checked.eval.evaluate:
         raise ConfigError("routing.anchor: 'last' looks ahead in each n-gram window and cannot run under cached "
                           "generation; use routing.anchor=first, or trainer.evaluate=false for a training-only run")
-    return config
+    if routing.norm == "global" and checked.eval.evaluate:
+        raise ConfigError("routing.norm: 'global' takes one max over the whole batch and cannot run under cached "
+                          "generation; use routing.norm=token, or trainer.evaluate=false for a training-only run")
+    return checked
 
 
-def is_hub_id(path: str) -> bool:
-    return path.count("/") == 1 and not path.startswith((".", "/", "~"))
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached (for weights that are not in the local cache)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_weights(model: ModelSettings) -> None:
+    """The model's weights must be on this machine or downloadable; else one message says which weights, their
+    size and how to point model.name_or_path at a local copy, before anything is loaded."""
+    path = model.name_or_path
+    if not path:
+        return  # a tiny model, built from its config
+    local = Path(path).expanduser()
+    if local.exists() or not is_hub_id(path):
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {path} " + ("has no config.json (not a saved model)"
+                                                                 if local.exists() else "does not exist"))
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str) or hub_reachable():
+        return
+    size = f" ({model.weights_size})" if model.weights_size else ""
+    raise ConfigError(
+        f"model.name_or_path: the weights of {path}{size} for model={model.name} are not on this machine and the "
+        f"Hugging Face hub cannot be reached. Download them where there is a network (huggingface-cli download "
+        f"{path} --local-dir <dir>), copy <dir> here and run with model.name_or_path=<dir>")
 
 
 def adapter_dir(checkpoint: str | Path) -> Path:
@@ -99,34 +112,140 @@ def evaluated_adapter(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return adapter
 
 
-def build_model(cfg: Mapping[str, Any], config: LiMEConfig) -> tuple[torch.nn.Module, Any]:
-    """Validate `config` against the architecture on the meta device, then build the real model."""
-    meta, _ = models.build(cfg["model"], device="meta")
-    lime.validate(meta, config)
+def build_model(settings: Settings) -> tuple[torch.nn.Module, Any]:
+    """Validate the LiME config against the architecture on the meta device, then build the real model."""
+    model_cfg, data_cfg = settings.model.as_dict(), settings.data.as_dict()
+    meta, _ = models.build(model_cfg, device="meta")
+    lime.validate(meta, settings.lime)
     del meta
-    model_cfg = pretrain.ensure_backbone(cfg["model"], cfg["data"])
-    model, processor = models.build(model_cfg, device=cfg["trainer"].get("device"))
+    model_cfg = pretrain.ensure_backbone(model_cfg, data_cfg)
+    model, processor = models.build(model_cfg, device=settings.trainer.device)
     return model, processor
 
 
-def wandb_settings(trainer_cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+def wandb_settings(wandb: WandbSettings, run_dir: Path) -> dict[str, Any]:
     """With trainer.wandb.enabled, log to wandb inside the run directory (offline by default: no network here)."""
-    wandb = trainer_cfg.get("wandb") or {}
-    if not wandb.get("enabled"):
+    if not wandb.enabled:
         return {}
-    os.environ.setdefault("WANDB_MODE", wandb.get("mode", "offline"))
-    os.environ.setdefault("WANDB_PROJECT", wandb.get("project", "lime"))
+    os.environ.setdefault("WANDB_MODE", wandb.mode)
+    os.environ.setdefault("WANDB_PROJECT", wandb.project)
     os.environ["WANDB_DIR"] = str(run_dir)
     return {"wandb_dir": str(run_dir / "wandb"), "wandb_mode": os.environ["WANDB_MODE"]}
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint; resume with trainer.resume."""
+    """A signal stopped the run: in training after saving a checkpoint (resume with trainer.resume), or in any
+    other phase (start-up, evaluation) at once."""
 
-    def __init__(self, signum: int, checkpoint: Path) -> None:
-        super().__init__(f"stopped by signal {signum} after saving {checkpoint}; continue with trainer.resume=true "
-                         "(and this run's hydra.run.dir) or trainer.resume=<this run dir>")
+    def __init__(self, signum: int, checkpoint: Path | None = None, phase: str = "training") -> None:
+        name = signal.Signals(signum).name
+        if checkpoint is not None:
+            message = (f"stopped by {name} after saving {checkpoint}; continue with trainer.resume=true "
+                       "(and this run's hydra.run.dir) or trainer.resume=<this run dir>")
+        else:
+            message = f"stopped by {name} during {phase}"
+        super().__init__(message)
         self.signum = signum
+
+
+class SignalsInterrupt:
+    """Outside the training loop (which checkpoints first, lime.training.StopOnSignal), SIGINT, SIGTERM and
+    SLURM's SIGUSR2 stop the run at once with an `Interrupted` naming the phase, so that run_info.json says
+    `interrupted` instead of staying `running`."""
+
+    def __init__(self) -> None:
+        self.phase = "start-up"
+        self.previous: dict[int, Any] = {}
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        raise Interrupted(signum, phase=self.phase)
+
+    def __enter__(self) -> SignalsInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._raise) for s in StopOnSignal.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another live run owns the run directory."""
+
+
+class RunLock:
+    """One run at a time in a run directory: `<run_dir>/.lock` holds the owner's pid and host.
+
+    A live owner on this host (or any owner on another host, whose liveness cannot be seen) makes a second run
+    fail with a message naming it; a lock left by a dead process on this host, or by an earlier submission of
+    this SLURM job (a requeue), is taken over, and the log says so."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                      "started": datetime.datetime.now().isoformat(timespec="seconds")}
+
+    def __enter__(self) -> RunLock:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return self  # torchrun: rank 0 holds the lock for all the processes of the run
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole, then linked into place: the lock never exists half-written (os.link fails if it exists).
+        mine = self.path.with_name(f".lock.{os.getpid()}")
+        mine.write_text(json.dumps(self.owner))
+        try:
+            while True:
+                try:
+                    os.link(mine, self.path)
+                    return self
+                except FileExistsError:
+                    self._take_over_if_stale()
+        finally:
+            mine.unlink()
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            held = json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            held = {}  # half-written by an owner that died at once: stale
+        if held and self._alive(held):
+            raise RunDirectoryBusy(
+                f"run directory {self.path.parent} is in use by pid {held.get('pid')} on {held.get('host')} "
+                f"(since {held.get('started')}); choose another hydra.run.dir, or wait for that run to end "
+                f"(delete {self.path} only if that process is gone)")
+        logger.warning("taking over the stale lock of %s (pid %s on %s is gone)", self.path.parent,
+                       held.get("pid"), held.get("host"))
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _alive(self, held: Mapping[str, Any]) -> bool:
+        slurm_job = self.owner["slurm_job"]
+        if slurm_job is not None and held.get("slurm_job") == slurm_job:
+            return False  # the same SLURM job, requeued: its earlier submission is over
+        if held.get("host") != self.owner["host"]:
+            return True
+        try:
+            os.kill(int(held["pid"]), 0)
+        except (ProcessLookupError, KeyError, ValueError, TypeError):
+            return False
+        except PermissionError:
+            return True  # another user's live process
+        return True
+
+    def __exit__(self, *exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Temporary files a killed run leaves behind: run_info.tmp, half-written adapters, staged checkpoints."""
+    for path in [run_dir / "run_info.tmp", *run_dir.glob(".adapter.tmp-*"), *run_dir.glob(".adapter.old-*"),
+                 run_dir / "checkpoints" / training.STAGING]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
 
 
 def reset_peak_memory() -> str:
@@ -186,8 +305,11 @@ class RunRecord:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.info, indent=2, default=str) + "\n")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(self.info, indent=2, default=str) + "\n")
+            os.replace(tmp, self.path)
+        finally:  # a full disk leaves no empty run_info.tmp behind
+            tmp.unlink(missing_ok=True)
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
         self.update(status=status, error=None if error is None else f"{type(error).__name__}: {error}",
@@ -195,88 +317,129 @@ class RunRecord:
                     wall_time_s=round(time.perf_counter() - self.start, 2), peak_memory_bytes=peak_memory_bytes())
 
 
-def fit(model: torch.nn.Module, processor: Any, train_set: data.MMTDataset, cfg: Mapping[str, Any],
+def fit(model: torch.nn.Module, processor: Any, train_set: data.MMTDataset, settings: Settings,
         run_dir: Path) -> dict[str, Any]:
     """Train with LiMETrainer; returns the Trainer's train metrics (time, samples/s)."""
-    trainer_cfg, data_cfg = cfg["trainer"], cfg["data"]
-    args = training.training_arguments(trainer_cfg, run_dir, cfg["seed"])
-    if trainer_cfg.get("gradient_checkpointing"):
+    trainer_settings, data_settings = settings.trainer, settings.data
+    args = training.training_arguments(trainer_settings, run_dir, settings.seed)
+    if trainer_settings.gradient_checkpointing:
         model.config.use_cache = False
     skips = SkipLog()  # counted skips (data.on_error=skip, truncation=skip); with num_workers=0 they land here
-    mocle.fit_instruction_clusters(model, [str(q) for q in train_set.rows["question"] if q is not None], cfg["seed"])
-    collator = Collator(processor, "train", max_length=data_cfg.get("max_length"),
-                        truncation=data_cfg.get("truncation", "error"), skip_log=skips,
+    mocle.fit_instruction_clusters(model, [str(q) for q in train_set.rows["question"] if q is not None], settings.seed)
+    collator = Collator(processor, "train", max_length=data_settings.max_length,
+                        truncation=data_settings.truncation, skip_log=skips,
                         instruction_clusters=getattr(model, "lime_clusters", None))
     trainer = training.LiMETrainer(
         model=model, args=args, train_dataset=train_set, data_collator=collator,
-        peft_lr=cfg["peft"]["peft_lr"], moe_lr=cfg["peft"]["moe_lr"], balance=trainer_cfg["balance"],
+        peft_lr=settings.peft_lr, moe_lr=settings.moe_lr, balance=dataclasses.asdict(trainer_settings.balance),
         metrics_path=run_dir / "metrics.jsonl",
     )
-    resume = training.resume_checkpoint(trainer_cfg.get("resume", False), run_dir)
+    resume = training.resume_checkpoint(trainer_settings.resume, run_dir)
     output = trainer.train(resume_from_checkpoint=resume)
     if trainer.stop_on_signal.received is not None:
         raise Interrupted(trainer.stop_on_signal.received, training.complete_checkpoints(args.output_dir)[-1])
+    if trainer.state.global_step == 0:  # never counted as a completed training run
+        raise RuntimeError("training took no optimizer step (trainer.epochs, trainer.max_steps and the size of "
+                           "the train split give none)")
     if len(skips):
         logger.warning("training skipped %d samples: %s", len(skips), skips.summary())
     return {**output.metrics, "skipped_samples": len(skips), "train_samples": len(train_set)}
 
 
-def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | None = None) -> dict[str, Any]:
+def run(cfg: Mapping[str, Any] | DictConfig, run_dir: Path, experiment: str | None = None,
+        hydra_files: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train (mode=train) or load (mode=eval) an adapter, evaluate it, and write the run directory.
 
-    `experiment` is the name of the `experiment` config chosen (for the reports), if any.
+    `experiment` is the name of the `experiment` config chosen (for the reports), if any. `hydra_files`
+    (name -> config) are written to `<run_dir>/.hydra/` once this run owns the directory (train.py: Hydra's
+    config.yaml, hydra.yaml and overrides.yaml, which Hydra itself would write before any lock could be taken).
     """
     cfg = plain(cfg)
-    record = RunRecord(run_dir, cfg, experiment)
-    try:
-        config = check_config(cfg)
-        if cfg["mode"] == "eval":  # the run is labelled by the adapter it evaluates, not by peft= (the command line)
-            record.update(**evaluated_adapter(cfg))
-        if cfg["trainer"].get("threads"):  # tiny CPU runs: one intra-op thread (see configs/trainer/smoke.yaml)
-            torch.set_num_threads(int(cfg["trainer"]["threads"]))
-        transformers.set_seed(cfg["seed"])
-        model, processor = build_model(cfg, config)
-        if cfg["mode"] == "eval":
-            lime.load_adapter(model, adapter_dir(cfg["checkpoint"]))
-        else:
-            lime.apply_lime(model, config)
-        print(lime.summary(model))
-        record.update(**wandb_settings(cfg["trainer"], run_dir))
-        record.update(trainable_params=lime.trainable_parameters(model),
-                      total_params=sum(p.numel() for p in model.parameters()))
-        splits = data.build(cfg["data"])
-        if cfg["mode"] == "train":
-            metrics = fit(model, processor, splits.pop("train"), cfg, run_dir)
-            if int(os.environ.get("RANK", "0")) != 0:
-                return {}  # torchrun: rank 0 saves the adapter, evaluates and writes the run directory
-            lime.save_adapter(model, run_dir / "adapter")
-            wandb = sys.modules.get("wandb")
-            if wandb is not None and getattr(wandb, "run", None) is not None:
-                record.update(wandb_run=str(wandb.run.dir))
-                wandb.finish()
-            record.update(train_peak_memory_bytes=peak_memory_bytes(),  # building, loading and training
-                          train_time_s=metrics.get("train_runtime"), train_samples=metrics["train_samples"],
-                          train_samples_per_s=metrics.get("train_samples_per_second"),
-                          train_loss=metrics.get("train_loss"), skipped_train_samples=metrics["skipped_samples"])
-        splits.pop("train", None)
-        trainer_cfg = cfg["trainer"]
-        if not trainer_cfg.get("evaluate", True):  # timing runs (experiment=efficiency)
-            record.finish("completed")
-            return {}
-        results = evaluation.evaluate(
-            model, processor, splits, Taxonomy.from_config(cfg["data"]["taxonomy"]), run_dir,
-            batch_size=trainer_cfg["eval_batch_size"], max_new_tokens=trainer_cfg["max_new_tokens"],
-            scorer=trainer_cfg["scorer"], on_error=trainer_cfg["on_generation_error"])
-        print(evaluation.format_table(results))
-        baseline = pretrain.backbone_results(cfg["model"], cfg["data"])
-        if baseline is not None:  # the pretrained tiny backbone's own scores, before adaptation
-            (run_dir / "backbone_results.json").write_text(json.dumps(baseline, indent=2) + "\n")
-            print(pretrain.comparison_table(baseline, results, Taxonomy.from_config(cfg["data"]["taxonomy"])))
+    rank_zero = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(run_dir), SignalsInterrupt() as signals:
+        if rank_zero:
+            remove_leftovers(run_dir)  # of an earlier, killed run in this directory
+            for name, content in (hydra_files or {}).items():
+                (run_dir / ".hydra").mkdir(exist_ok=True)
+                OmegaConf.save(content, run_dir / ".hydra" / name)
+        record = RunRecord(run_dir, cfg, experiment)
+        try:
+            return _run(cfg, run_dir, record, signals)
+        except Interrupted as error:
+            record.finish("interrupted", error)
+            raise SystemExit(128 + error.signum) from error
+        except BaseException as error:
+            record.finish("failed", error)
+            raise
+        finally:
+            if rank_zero:
+                remove_leftovers(run_dir)
+
+
+def train_and_save(model: torch.nn.Module, processor: Any, train_set: data.MMTDataset, checked: Settings,
+                   run_dir: Path, record: RunRecord) -> bool:
+    """Train, save the adapter and record the training; False on the processes other than rank 0."""
+    metrics = fit(model, processor, train_set, checked, run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return False
+    lime.save_adapter(model, run_dir / "adapter")
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        record.update(wandb_run=str(wandb.run.dir))
+        wandb.finish()
+    record.update(train_peak_memory_bytes=peak_memory_bytes(),  # building, loading and training
+                  train_time_s=metrics.get("train_runtime"), train_samples=metrics["train_samples"],
+                  train_samples_per_s=metrics.get("train_samples_per_second"),
+                  train_loss=metrics.get("train_loss"), skipped_train_samples=metrics["skipped_samples"])
+    return True
+
+
+def _run(cfg: Mapping[str, Any], run_dir: Path, record: RunRecord, signals: SignalsInterrupt) -> dict[str, Any]:
+    checked = check_config(cfg)
+    if checked.mode == "eval":  # the run is labelled by the adapter it evaluates, not by peft= (the command line)
+        record.update(**evaluated_adapter(cfg))
+    if checked.trainer.threads:  # tiny CPU runs: one intra-op thread (see configs/trainer/smoke.yaml)
+        torch.set_num_threads(checked.trainer.threads)
+    transformers.set_seed(checked.seed)
+    splits = data.build(checked.data)
+    if checked.mode == "train" and not len(splits["train"]):
+        raise ConfigError("data: the train split is empty (after data.categories, data.tasks and "
+                          "data.max_train_samples)")
+    signals.phase = "model loading"
+    model, processor = build_model(checked)
+    if checked.mode == "eval":
+        lime.load_adapter(model, adapter_dir(checked.checkpoint))
+    else:
+        lime.apply_lime(model, checked.lime)
+    print(lime.summary(model))
+    record.update(**wandb_settings(checked.trainer.wandb, run_dir))
+    record.update(trainable_params=lime.trainable_parameters(model),
+                  total_params=sum(p.numel() for p in model.parameters()))
+    train_set = splits.pop("train", None)
+    test_skips = SkipLog()
+    for dataset in splits.values():  # the length policy, before any training (a text-only lower bound)
+        check_lengths(dataset, processor, checked.data.max_length, checked.data.truncation, test_skips)
+    if checked.mode == "train":
+        check_lengths(train_set, processor, checked.data.max_length, checked.data.truncation)
+        mmt47.write_train_tasks(train_set.rows, run_dir)  # rows per task, where the data tells them
+        signals.phase = "training"
+        if not train_and_save(model, processor, train_set, checked, run_dir, record):
+            return {}  # torchrun: rank 0 saves the adapter, evaluates and writes the run directory
+    if not checked.eval.evaluate:  # timing runs (experiment=efficiency)
         record.finish("completed")
-        return results
-    except Interrupted as error:
-        record.finish("interrupted", error)
-        raise SystemExit(128 + error.signum) from error
-    except BaseException as error:
-        record.finish("failed", error)
-        raise
+        return {}
+    signals.phase = "evaluation"
+    taxonomy = Taxonomy.from_config(checked.data.taxonomy)
+    results = evaluation.evaluate(
+        model, processor, splits, taxonomy, run_dir, batch_size=checked.eval.eval_batch_size,
+        max_new_tokens=checked.eval.max_new_tokens, scorer=checked.eval.scorer,
+        on_error=checked.eval.on_generation_error, max_length=checked.data.max_length,
+        truncation=checked.data.truncation, skip_log=test_skips)
+    print(evaluation.format_table(results))
+    baseline = pretrain.backbone_results(checked.model.as_dict(), checked.data.as_dict())
+    if baseline is not None:  # the pretrained tiny backbone's own scores, before adaptation
+        (run_dir / "backbone_results.json").write_text(json.dumps(baseline, indent=2) + "\n")
+        print(pretrain.comparison_table(baseline, results, taxonomy))
+    record.finish("completed")
+    return results
+

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -24,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -31,6 +33,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import lime
 from lime.balance import RoutingAverage, RoutingStats, clear_routing_stats
 from lime.checkpoint import load_adapter, save_adapter
+from lime.settings import TrainerSettings
 
 MOE_PARAMETERS = ("expert_vectors", "shared_vector", "shared_gate", "router.")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -76,6 +79,39 @@ class StopOnSignal(TrainerCallback):
         self.previous = {}
 
 
+def rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.random.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.random.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.random.set_rng_state_all(states["cuda"])
+
+
+class StepStartRNG(TrainerCallback):
+    """The RNG states at the start of each optimizer step. A checkpoint written when a step is abandoned (a
+    non-finite loss) holds them, not the states after the abandoned step's draws (routing jitter, dropout): the
+    resumed run then replays that step as an uninterrupted run would."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, Any] | None = None
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.states = rng_states()
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of the first trainable parameter holding a NaN or inf, if any."""
+    return next((name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()),
+                None)
+
+
 class LiMETrainer(Trainer):
     def __init__(self, *args: Any, peft_lr: float, moe_lr: float, balance: Mapping[str, float],
                  metrics_path: Path | None = None, **kwargs: Any):
@@ -87,6 +123,9 @@ class LiMETrainer(Trainer):
         self._routed_layers: list[tuple[nn.Module, int]] | None = None
         self.stop_on_signal = StopOnSignal()
         self.add_callback(self.stop_on_signal)
+        self.step_start_rng = StepStartRNG()
+        self.add_callback(self.step_start_rng)
+        self.abandoned_step = False  # set while saving the state before a step that is not taken
 
     # --- optimisation -------------------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -215,8 +254,12 @@ class LiMETrainer(Trainer):
     def stop_non_finite(self, what: str) -> None:
         """Save the current state if it is still finite (no update has used the bad loss or gradient yet), then
         stop with a message naming the step and the newest good checkpoint."""
-        if all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
-            self._save_checkpoint(self.model, trial=None)
+        if first_non_finite(self.model) is None:
+            self.abandoned_step = True
+            try:
+                self._save_checkpoint(self.model, trial=None)
+            finally:
+                self.abandoned_step = False
         good = complete_checkpoints(self.args.output_dir)
         raise NonFiniteLoss(f"{what} at optimizer step {self.state.global_step + 1}; the newest good checkpoint is "
                             f"{good[-1] if good else 'none'}")
@@ -250,8 +293,25 @@ class LiMETrainer(Trainer):
     def _get_output_dir(self, trial: Any) -> str:
         return os.path.join(self.args.output_dir, STAGING)  # checkpoints are written here, then renamed
 
+    def _save_rng_state(self, output_dir: str) -> None:
+        if not self.abandoned_step or self.step_start_rng.states is None:
+            return super()._save_rng_state(output_dir)
+        now = rng_states()
+        set_rng_states(self.step_start_rng.states)
+        try:
+            super()._save_rng_state(output_dir)
+        finally:
+            set_rng_states(now)
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Stage, then publish by a rename; a state with a non-finite parameter is never published (the newest
+        published checkpoint stays the newest good one, and save_total_limit never rotates it out)."""
         name = f"checkpoint-{self.state.global_step}"
+        bad = first_non_finite(self.model)
+        if bad is not None:
+            good = complete_checkpoints(self.args.output_dir)
+            raise NonFiniteLoss(f"parameter {bad} is not finite at optimizer step {self.state.global_step}: not "
+                                f"saved as {name}; the newest good checkpoint is {good[-1] if good else 'none'}")
         staged, final = Path(self.args.output_dir, STAGING, name), Path(self.args.output_dir, name)
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
@@ -288,38 +348,36 @@ def optimizer_name(name: str) -> str:
     return "adamw_bnb_8bit"
 
 
-def training_arguments(cfg: Mapping[str, Any], run_dir: Path, seed: int) -> TrainingArguments:
-    """The Trainer's arguments from the `trainer` config group."""
-    precision = cfg["precision"]
-    wandb = cfg.get("wandb", {}) or {}
+def training_arguments(cfg: TrainerSettings, run_dir: Path, seed: int) -> TrainingArguments:
+    """The Trainer's arguments from the (checked) `trainer` settings."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
-        num_train_epochs=cfg["epochs"],
-        max_steps=cfg.get("max_steps", -1) or -1,
-        per_device_train_batch_size=cfg["batch_size"],
-        gradient_accumulation_steps=cfg["grad_accum"],
-        weight_decay=cfg["weight_decay"],
-        warmup_steps=cfg["warmup_ratio"],  # a float < 1 is a ratio of the total steps in transformers 5
-        lr_scheduler_type=cfg["lr_scheduler"],
-        max_grad_norm=cfg["max_grad_norm"],
-        optim=optimizer_name(cfg["optimizer"]),
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        logging_steps=cfg["logging_steps"],
-        save_strategy="steps" if cfg.get("save_steps") else "epoch",
-        save_steps=cfg.get("save_steps") or 500,
-        save_total_limit=cfg.get("save_total_limit", 2),
-        gradient_checkpointing=cfg.get("gradient_checkpointing", False),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm or 0.0,  # null: no clipping
+        optim=optimizer_name(cfg.optimizer),
+        bf16=cfg.precision == "bf16",
+        fp16=cfg.precision == "fp16",
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "epoch",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        dataloader_num_workers=cfg.get("num_workers", 0),
+        dataloader_num_workers=cfg.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
-        report_to=["wandb"] if wandb.get("enabled") else [],
-        run_name=wandb.get("name"),
+        report_to=["wandb"] if cfg.wandb.enabled else [],
+        run_name=cfg.wandb.name,
         seed=seed,
         data_seed=seed,
-        disable_tqdm=not cfg.get("progress_bar", True),
+        disable_tqdm=not cfg.progress_bar,
         # torchrun on CPU: gloo (NCCL needs GPUs); a single process initialises no process group at all. Without
         # use_cpu, accelerate creates the process group but sets up no DDP (DistributedType.NO): no gradient
         # all-reduce, no token count across processes, and each process trains its own copy.
@@ -331,12 +389,12 @@ def training_arguments(cfg: Mapping[str, Any], run_dir: Path, seed: int) -> Trai
         # trainer.batch_size is the global micro-batch, split across processes: the same samples per optimizer
         # step, and so the same training, on 1 or N processes
         accelerator_config={"split_batches": True},
-        deepspeed=cfg.get("deepspeed"),  # a ZeRO config file (configs/distributed/zero2.json), launched by deepspeed
-        fsdp=cfg.get("fsdp") or "",  # e.g. "full_shard auto_wrap", launched by torchrun
+        deepspeed=cfg.deepspeed,  # a ZeRO config file (configs/distributed/zero2.json), launched by deepspeed
+        fsdp=cfg.fsdp or "",  # e.g. "full_shard auto_wrap", launched by torchrun
     )
 
 
-def resume_checkpoint(resume: Any, run_dir: Path) -> str | None:
+def resume_checkpoint(resume: bool | str, run_dir: Path) -> str | None:
     """`trainer.resume`: false, true (this run directory) or another run directory."""
     if resume in (None, False):
         return None

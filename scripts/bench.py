@@ -444,8 +444,8 @@ class LayerRunner:
     def timed_decode(self) -> float:
         """Seconds per call on one new token per sequence (eval mode, no KV cache: the layer alone)."""
         self.layer.eval()
-        if self.spec is not None:  # the new token after a prompt of --prompt tokens
-            self.context.mask = self.decode_mask
+        if self.spec is not None:  # the new token after a prompt of --prompt tokens, inside one decoding run
+            self.context.mask, self.context.state = self.decode_mask, lime.context.CacheState()
         try:
             self.layer(self.token)
             synchronize(self.device)
@@ -457,7 +457,7 @@ class LayerRunner:
         finally:
             self.layer.train()
             if self.spec is not None:
-                self.context.mask = self.train_mask
+                self.context.mask, self.context.state = self.train_mask, None
 
     def saved_bytes(self) -> int:
         """Bytes of the distinct storages the autograd graph of one training forward holds for the backward.

@@ -9,7 +9,10 @@ Every run directory below the given paths is read. Failed, unfinished or incompl
 left out of every mean; so are copies of a run already counted (the same adapter, by sha256: a training run,
 its eval run and its resumed run are one seed). Eval runs are labelled by the adapter they evaluated. Override
 keys that vary within a group (a sweep's key) are added to --group-by, so different settings are never averaged
-as seeds. --paper adds the paper's published row under each of our methods, labelled "(paper)".
+as seeds. --paper adds the paper's published row under each of our methods, labelled "(paper)". Statistics
+(lime/report/stats.py): a backbone-alone row where the runs carry one, and for every row Δ Mean against the
+reference row (--reference; default LoRA when rows are methods) with its paired bootstrap 95% interval over test
+samples, seeds pooled.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pathlib import Path
 
 from lime.report import build_rows, usable_runs, write_tables
 from lime.report import paper as paper_numbers
-from lime.report.runs import shown_path
+from lime.report.runs import parse_override, shown_path
+from lime.report.stats import add_statistics
 from lime.report.tables import varying_within_groups
 
 
@@ -33,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scorer", default=None, help="strict | lenient (default: the runs' primary scorer)")
     parser.add_argument("--name", default="table2", help="output file stem")
     parser.add_argument("--paper-numbers", type=Path, default=None, help="paper numbers JSON (default: bundled)")
+    parser.add_argument("--reference", action="append", default=None, metavar="KEY=VALUE",
+                        help="the row the Δ column compares against, e.g. routing.n_gram=2 (repeatable; "
+                             "default peft.name=lora when grouping by peft.name alone)")
     return parser.parse_args(argv)
 
 
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         print(f"NOTE: {', '.join(extra)} vary within the groups of {', '.join(group_by)}; grouping by them too.")
         group_by += tuple(extra)
     categories, rows = build_rows(usable, group_by, args.scorer, paper=args.paper, paper_data=data)
+    reference = dict(map(parse_override, args.reference or (["peft.name=lora"] if group_by == ("peft.name",) else [])))
+    statistics_notes = add_statistics(rows, usable, categories, args.scorer, reference)
     notes = [
         f"Runs: {len(usable)} averaged, {len(excluded)} excluded (see excluded_runs.md). Scorer: {args.scorer}.",
         "n = runs averaged (seeds); ± = sample standard deviation (ddof=1), omitted for n = 1; "
@@ -61,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.paper:
         notes.append("Rows in italics, '(paper)': the paper's published Table 2 (LLaVA-OV-7B) [EXACT-img]; "
                      "its seed count is not stated.")
-    paths = write_tables(rows, categories, out, args.name, args.scorer, notes)
+    paths = write_tables(rows, categories, out, args.name, args.scorer, [*notes, *statistics_notes])
     for path in paths:
         print(f"wrote {path}")
     return paths

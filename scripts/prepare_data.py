@@ -38,7 +38,8 @@ def prepare(data_cfg: DictConfig, scan: bool = False) -> dict:
     if scan:
         log = dataset.SkipLog()
         for split in splits.values():
-            checked = dataset.MMTDataset(split.rows, split.split, split.media_root, split.num_frames, "skip")
+            checked = dataset.MMTDataset(split.rows, split.split, split.media_root, split.num_frames, "skip",
+                                           split.frame_sampling)
             for item in checked:
                 if isinstance(item, dataset.Skip):
                     log.add(item)

@@ -145,6 +145,7 @@ def meta_models(model_cfg) -> dict[str, nn.Module]:
 
 
 @pytest.mark.parametrize("name", EXPECTED_COUNTS)
+@pytest.mark.slow
 def test_parameter_counts_match_spec(name: str, meta_models) -> None:
     seven_b, half_b = EXPECTED_COUNTS[name]
     model = wrapped(meta_models["llava_ov_7b"], peft_config(name, "llava_ov_7b"))

@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 from omegaconf import OmegaConf
 
@@ -29,6 +30,7 @@ def test_python_examples_are_the_tested_toys():
         assert example.rstrip("\n") in toys, example[:80]  # word for word, indentation included
 
 
+@pytest.mark.slow
 def test_experiment_example_composes_into_valid_jobs(tmp_path):
     (example,) = blocks("yaml")
     name = re.search(r"configs/experiment/(\w+)\.yaml", example)[1]

@@ -125,10 +125,9 @@ def test_wrong_media_root_fails_early(mini_cfg, tmp_path):
 # --- subsets -------------------------------------------------------------------------------------
 
 def test_subset_by_category_and_task(mini_cfg):
-    data = mmt47.load(OmegaConf.merge(mini_cfg, {"categories": ["GLUE"], "tasks": ["digit"]}))
+    data = mmt47.load(OmegaConf.merge(mini_cfg, {"categories": ["GLUE"], "tasks": ["shape"]}))
     assert sorted(data) == sorted(["train", "glue_test_sentiment", "glue_test_paraphrase",
-                                   "glue_test_similarity", "image_test_digit"])
-    assert set(data["train"]["task"]) == {"sentiment", "paraphrase", "similarity", "digit"}
+                                   "glue_test_grammar", "image_test_shape"])
     with pytest.raises(mmt47.SchemaError, match="Glue"):
         mmt47.load(OmegaConf.merge(mini_cfg, {"categories": ["Glue"]}))
     with pytest.raises(mmt47.SchemaError, match="sst2"):
@@ -147,12 +146,11 @@ def test_samples_per_split_are_random_with_a_seed(mini_cfg):
     assert any(indices != [0, 1, 2] for indices in first.values())  # not "the first N"
 
 
-def test_train_split_without_task_column_is_kept_whole_with_a_warning(caplog):
+def test_train_split_without_task_column_or_rules_cannot_be_subset():  # more: test_mmt47_layout.py
     data = datasets.DatasetDict({"train": text_rows(4), "glue_test_sst2": text_rows(), "glue_test_cola": text_rows()})
-    with caplog.at_level(logging.WARNING):
-        out = mmt47.select(data, mmt47.Taxonomy.named("mmt47"), tasks=["sst2"])
-    assert sorted(out) == ["glue_test_sst2", "train"] and len(out["train"]) == 4
-    assert "no 'task' column" in caplog.text
+    with pytest.raises(mmt47.SchemaError, match="no 'task' column"):
+        mmt47.select(data, mmt47.Taxonomy.named("mmt47"), tasks=["sst2"])
+    assert len(mmt47.select(data, mmt47.Taxonomy.named("mmt47"))["train"]) == 4  # no subset: nothing to honour
 
 
 # --- generator -----------------------------------------------------------------------------------
@@ -181,20 +179,58 @@ def test_generated_benchmark_is_balanced_and_complete(mini_cfg):
     data = datasets.load_from_disk(path)
     taxonomy = mmt47.Taxonomy.named("mmt_mini")
     assert sorted(data) == sorted(["train", *(taxonomy.split_name(task.name) for task in mmt_mini.TASKS)])
+    # The authors' format exactly: their four columns in every split, no `task` column in train.
+    assert all(split.column_names == list(mmt_mini.FEATURES) for split in data.values())
+    expected_train = Counter()
     for task in mmt_mini.TASKS:
-        train = data["train"].select([i for i, name in enumerate(data["train"]["task"]) if name == task.name])
         test = data[taxonomy.split_name(task.name)]
-        for split, n in ((train, SMALL["train_per_task"]), (test, SMALL["test_per_task"])):
-            counts = Counter(split["answer"])
-            assert len(split) == n and set(counts) <= set(task.answers)
-            assert max(counts.values()) - min(counts.values(), default=0) <= 1  # balanced: chance = 1/classes
-            assert len(counts) == min(n, len(task.answers))
-            assert set(split["source_type"]) == {task.source_type}
-            if task.source_type != "text":
-                assert all((media_root / p).is_file() for p in split["media_path"])
-        if task.source_type != "text":  # the question alone never gives the answer away
-            by_question = Counter(q for q, _ in set(zip(train["question"], train["answer"], strict=True)))
-            assert all(n > 1 for n in by_question.values()), task.name
+        counts = Counter(test["answer"])
+        assert len(test) == SMALL["test_per_task"] and set(counts) <= set(task.answers)
+        assert max(counts.values()) - min(counts.values(), default=0) <= 1  # balanced: chance = 1/classes
+        assert len(counts) == min(SMALL["test_per_task"], len(task.answers))
+        assert set(test["source_type"]) == {task.source_type}
+        if task.source_type != "text":
+            assert all((media_root / p).is_file() for p in test["media_path"])
+        expected_train.update(task.answers[i % len(task.answers)] for i in range(SMALL["train_per_task"]))
+    assert Counter(data["train"]["answer"]) == expected_train  # every task's balanced labels, no more
+    assert len(data["train"]) == SMALL["train_per_task"] * len(mmt_mini.TASKS)
+
+
+def test_visual_questions_never_give_the_answer_away():
+    """The same random draws with every label give one question: only the media tell the labels apart."""
+    for task in mmt_mini.TASKS:
+        if task.source_type != "text":
+            questions = {task.make(np.random.default_rng(0), label, 32)[0] for label in task.answers}
+            assert len(questions) == 1, task.name
+
+
+def test_tasks_share_inputs_with_different_questions_and_answers():
+    """Routing has something to do: tasks on one scene kind ask different questions with different answers,
+    and every scene kind a task names is one the pretraining mixture describes."""
+    by_scene = {}
+    for task in mmt_mini.TASKS:
+        if task.scene is not None:
+            by_scene.setdefault(task.scene, []).append(task)
+    shared = {scene: tasks for scene, tasks in by_scene.items() if len(tasks) > 1}
+    assert sorted(shared) == ["change_clip", "grid_scene", "motion_clip", "object_scene"]
+    for tasks in shared.values():
+        questions = {t.make(np.random.default_rng(0), t.answers[0], 32)[0] for t in tasks}
+        assert len(questions) == len(tasks)
+    assert {t.answers for t in shared["grid_scene"]} == {mmt_mini.COUNTS, ("yes", "no")}
+    described = {scene.__name__ for scenes in mmt_mini.PRETRAINING_SCENES.values() for scene in scenes}
+    assert set(by_scene) == described
+
+
+def test_pretraining_mixture_has_no_benchmark_question_or_answer(tmp_path):
+    """Captions and text passages only: the backbone never sees the benchmark's instructions or answers."""
+    root = mmt_mini.generate_pretraining(tmp_path, seed=1000, samples=48)
+    rows = datasets.load_from_disk(str(root / mmt_mini.DATASET_DIR))["train"]
+    assert len(rows) == 48 and rows.column_names == list(mmt_mini.FEATURES)
+    assert Counter(rows["source_type"]) == {"image": 12, "video": 30, "text": 6}
+    assert all(q in mmt_mini.DESCRIBE.values() or q.startswith(mmt_mini.CONTINUE) for q in rows["question"])
+    answers = {a for task in mmt_mini.TASKS for a in task.answers}
+    assert not answers & set(rows["answer"])
+    assert all((root / mmt_mini.MEDIA_DIR / p).is_file() for p in rows["media_path"] if p)
 
 
 def test_ensure_generates_once_per_setting(mini_cfg):
@@ -209,10 +245,10 @@ def test_ensure_generates_once_per_setting(mini_cfg):
 
 # --- media ---------------------------------------------------------------------------------------
 
-def test_uniform_frame_sampling():
-    assert sample_indices(16, 8) == [0, 2, 4, 6, 9, 11, 13, 15]
-    assert sample_indices(8, 8) == list(range(8))
-    assert sample_indices(5, 8) == list(range(5))
+def test_uniform_frame_sampling():  # the rounding option (data.frame_sampling=round); floor: test_frame_sampling.py
+    assert sample_indices(16, 8, "round") == [0, 2, 4, 6, 9, 11, 13, 15]
+    assert sample_indices(8, 8, "round") == list(range(8))
+    assert sample_indices(5, 8, "round") == list(range(5))
 
 
 def grey_clip(n: int) -> list[np.ndarray]:
@@ -223,7 +259,7 @@ def grey_clip(n: int) -> list[np.ndarray]:
 @pytest.mark.parametrize(("length", "expected"), [(16, [0, 2, 4, 6, 9, 11, 13, 15]), (5, [0, 1, 2, 3, 4, 4, 4, 4])])
 def test_video_frames_are_sampled_uniformly_and_short_clips_padded(tmp_path, length, expected):
     write_video(tmp_path / "clip.mp4", grey_clip(length))
-    frames = load_video(tmp_path / "clip.mp4", num_frames=8)
+    frames = load_video(tmp_path / "clip.mp4", num_frames=8, sampling="round")
     assert frames.shape == (8, 32, 32, 3) and frames.dtype == np.uint8
     np.testing.assert_allclose(frames.reshape(8, -1).mean(axis=1), 10 * np.array(expected), atol=3)
 
@@ -294,8 +330,8 @@ def test_dataset_decodes_media(mini):
 
 def mixed_items(mini) -> list[Sample]:
     """A text, an image, a video, a GLUE and a second video sample: a mixed-modality batch."""
-    return [mini["text_test_arithmetic"][0], mini["image_test_digit"][1], mini["video_test_grow_shrink"][2],
-            mini["glue_test_similarity"][3], mini["video_test_tamper_type"][4]]
+    return [mini["text_test_arithmetic"][0], mini["image_test_shape"][1], mini["video_test_grow_shrink"][2],
+            mini["glue_test_grammar"][3], mini["video_test_tamper_type"][4]]
 
 
 def test_labels_cover_exactly_the_answer_and_end_of_turn(mini, tiny_model):

@@ -10,6 +10,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "download_mmt47.sh"
 
@@ -45,6 +47,7 @@ def test_an_interpreter_without_datasets_is_refused_with_the_fix(tmp_path):
     assert not (tmp_path / "mmt47").exists()  # nothing created before the check
 
 
+@pytest.mark.slow
 def test_archives_are_extracted_once_next_to_themselves(tmp_path):
     data_root = tmp_path / "mmt47"
     (data_root / "dataset").mkdir(parents=True)

@@ -5,34 +5,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 import pytest
-import yaml
 
 import lime
 from lime.checkpoint import WEIGHTS_NAME, method_name
-from lime.config import LiMEConfig
-from lime.run import build_model, plain, run
+from lime.presets import compose, lime_config, peft_presets
+from lime.run import build_model, run
+from lime.settings import plain, settings
 from tests.test_train import SMALL, compose_config
 from tests.tiny import perturb_trainable
 
-PEFT_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "peft").glob("*.yaml"))
 
-
-@pytest.mark.parametrize("path", PEFT_CONFIGS, ids=lambda p: p.stem)
-def test_method_name_of_every_peft_config(path):
-    peft = yaml.safe_load(path.read_text())
-    assert method_name(LiMEConfig(method=peft["method"], variant=peft["variant"],
-                                  routing=dict(router="learned") if peft["method"] not in ("lime", "plain") else {})
-                       ) == peft["name"]
+@pytest.mark.parametrize("name", peft_presets())
+def test_method_name_of_every_peft_preset(name):
+    assert method_name(lime_config(compose([f"peft={name}"]))) == name
 
 
 def test_eval_run_takes_method_and_counts_from_the_adapter_not_the_command_line(tmp_path, caplog):
     cfg = plain(compose_config(*SMALL, "peft=lime_lora", "data.tasks=[arithmetic]"))
-    config = LiMEConfig.from_groups(cfg["peft"], cfg["routing"])
-    model, _ = build_model(cfg, config)
-    lime.apply_lime(model, config)
+    checked = settings(cfg)
+    model, _ = build_model(checked)
+    lime.apply_lime(model, checked.lime)
     perturb_trainable(model, scale=0.01)
     lime.save_adapter(model, tmp_path / "train" / "adapter")
 
@@ -46,6 +40,6 @@ def test_eval_run_takes_method_and_counts_from_the_adapter_not_the_command_line(
     assert info["trainable_params"] == lime.trainable_parameters(model) == 6032
     assert info["checkpoint"] == str(adapter)
     assert info["adapter_sha256"] == hashlib.sha256((adapter / WEIGHTS_NAME).read_bytes()).hexdigest()
-    assert info["adapter_config"]["method"] == "lime" and info["adapter_config"]["rank"] == config.rank
+    assert info["adapter_config"]["method"] == "lime" and info["adapter_config"]["rank"] == checked.lime.rank
     assert any("peft=moe_lora is ignored" in r.getMessage() and "lime_lora" in r.getMessage()
                for r in caplog.records)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 import lime
 from lime import models
 from lime.config import LiMEConfig
+from lime.settings import settings
 from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,7 @@ JOBS = {
     "table2": 16 * 3, "efficiency": 10, "ablation_channels": 4 * 3, "ablation_router": 2 * 3,
     "ablation_gamma": 11 * 3, "ablation_ngram": 5 * 3, "ablation_topk": 7 * 3, "ablation_experts": 2 * 10 * 3,
     "ablation_balance": 5 * 3, "ablation_temperature": 5 * 3, "ablation_init": 5 * 3, "ablation_targets": 3 * 3,
-    "ablation_shared": 2 * 3, "ablation_layers": 5 * 3,
+    "ablation_shared": 2 * 3, "ablation_layers": 6 * 3,
 }
 
 SMALL_JOBS = {**JOBS, "ablation_layers": 2 * 3}  # the tiny model's 2 blocks: the last one, or both
@@ -62,6 +63,7 @@ def meta_model(model_name):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("scale", ["paper", "small"])
+@pytest.mark.slow
 def test_every_job_of_every_sweep_composes_into_a_valid_config(experiment, scale):
     # Small scale: what scripts/small_scale.py gives train.py, less its seed and sweep dir.
     extra = [] if scale == "paper" else [*SMALL_SCALE.SMALL, *SMALL_SCALE.TINY_SWEEPS.get(experiment, [])]
@@ -77,6 +79,7 @@ def test_every_job_of_every_sweep_composes_into_a_valid_config(experiment, scale
         configs.add(json.dumps(cfg, sort_keys=True, default=str))
         if scale == "small":
             assert cfg["model"]["name"] == "tiny_llava_ov" and cfg["data"]["name"] == "mmt_mini"
+            settings(cfg)  # every key known and in range (paper scale: its data is not on this machine)
     assert len(configs) == len(jobs)  # no two jobs of a sweep train the same thing
 
 
@@ -122,6 +125,7 @@ def count_params(*args):
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_params_column_7b_is_spec_section_5():
     column = count_params("model=llava_ov_7b")
     counts = {row["method"]: row["trainable"] for row in column["methods"]}
@@ -129,8 +133,21 @@ def test_params_column_7b_is_spec_section_5():
     assert all(row["base_total"] == 8_030_807_584 for row in column["methods"])
 
 
+@pytest.mark.slow
 def test_params_efficiency_setting_is_spec_section_5():
     counts = {m: count_params("experiment=efficiency", f"peft={m}")["trainable"] for m in ("lime_lora", "moe_dora")}
     assert counts == {m: SPEC_05B_LM[m] for m in counts}
     one = count_params("model=llava_ov_0.5b", "peft=lime_prompt")
     assert (one["trainable"], one["base_total"]) == (22_401, 893_675_552)
+
+
+def test_paper_grids_of_the_balance_and_layer_sweeps():
+    """Fig. 9: α = β at every point; Fig. 8b: 4 ... 24 wrapped blocks, 20 included (the paper's optimum 20-24)."""
+    balance = [OmegaConf.to_container(compose_config(job), resolve=True)["trainer"]["balance"]
+               for job in sweep_jobs("ablation_balance") if "seed=0" in job]
+    assert [(b["importance"], b["kl"], b["scale"]) for b in balance] == [(c, c, 1.0) for c in
+                                                                        (0.0, 0.001, 0.01, 0.1, 1.0)]
+    layers = [OmegaConf.to_container(compose_config(job), resolve=True)["peft"]["layer_indices"]
+              for job in sweep_jobs("ablation_layers") if "seed=0" in job]
+    assert [24 if indices is None else len(indices) for indices in layers] == [4, 8, 12, 16, 20, 24]
+    assert all(indices is None or indices[-1] == 23 for indices in layers)  # always the last blocks

@@ -263,3 +263,190 @@ def test_vlm_generation_with_cache_equals_full_forward(tiny_model, make_inputs):
     prompt = inputs["input_ids"].shape[1]
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits, full[:, prompt - 1 + step], atol=1e-5, rtol=0)
+
+
+def _update_in_place(model, how):
+    """Change every trainable tensor the way an optimizer, a checkpoint load or an EMA swap does."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if how.startswith("adamw"):
+        optimizer = torch.optim.AdamW(trainable, lr=0.1, fused=how == "adamw_fused", foreach=how == "adamw_foreach")
+        ids = torch.randint(1, 97, (2, 6))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    elif how == "load_state_dict":
+        model.load_state_dict({k: v + 0.1 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    else:
+        for p in trainable:
+            if how == "data_write":
+                p.data.mul_(1.5)
+            else:  # EMA swap: copy the averaged weights in through .data (no autograd, no version bump)
+                p.data.copy_(p.detach() * 0.5 + 0.2)
+
+
+@pytest.mark.parametrize("how", ["adamw_fused", "adamw_foreach", "adamw_single", "load_state_dict", "data_write",
+                                 "ema_swap"])
+def test_no_grad_forward_after_an_update_sees_the_new_parameters(how):
+    """Evaluation or generation after an update (mid-training) uses the updated adapter, however it was updated."""
+    model = lime.apply_lime(tiny_causal_lm(), LiMEConfig(variant="dora", routing=dict(n_gram=2)))
+    perturb_trainable(model)
+    ids, mask = left_padded_batch([8, 5], total=8)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    _update_in_place(model, how)
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                                   pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    want = model(input_ids=ids, attention_mask=mask).logits.detach()  # with autograd: factors built afresh
+    assert not torch.allclose(want, before, atol=1e-3)
+    torch.testing.assert_close(after, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(generated.logits[0], want[:, -1], atol=1e-5, rtol=0)
+
+
+def test_factors_are_built_once_per_decoding_run(monkeypatch):
+    """Cached decoding keeps each layer's factors with the KV cache: one build per layer per generate call."""
+    model = lime.apply_lime(tiny_causal_lm(), LiMEConfig(variant="dora"))
+    perturb_trainable(model)
+    builds = []
+    original = lime.fused.factors
+    monkeypatch.setattr(lime.fused, "factors", lambda *args: builds.append(1) or original(*args))
+    ids, mask = left_padded_batch([6, 4], total=6)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                       pad_token_id=0)
+    assert len(builds) == 8  # 2 blocks x 4 projections, not 8 per decoding step
+
+
+def test_deepcopy_after_a_training_forward():
+    """Routing statistics hold graph tensors after a training forward; the copy gets their values, detached."""
+    model = lime.apply_lime(tiny_causal_lm(), LiMEConfig(routing=dict(n_gram=2)))
+    perturb_trainable(model)
+    model.train()
+    ids = torch.randint(1, 97, (2, 6))
+    model(input_ids=ids, labels=ids)
+    clone = copy.deepcopy(model)
+    layer, copied = model.model.layers[0].self_attn.q_proj, clone.model.layers[0].self_attn.q_proj
+    assert layer.routing_stats.usage.grad_fn is not None and copied.routing_stats.usage.grad_fn is None
+    torch.testing.assert_close(copied.routing_stats.usage, layer.routing_stats.usage.detach())
+    clone.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_and_the_balance_loss(reentrant):
+    """Non-reentrant checkpointing gives the balance loss's gradients; reentrant would drop them: refused."""
+    ids, mask = left_padded_batch([8, 5], total=8)
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for checkpointing in (False, True):
+        model = lime.apply_lime(tiny_causal_lm(), LiMEConfig())
+        perturb_trainable(model)
+        model.config.use_cache = False
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        torch.manual_seed(0)  # the same jitter draws
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if checkpointing and reentrant:
+            with pytest.raises(RuntimeError, match="use_reentrant"):
+                lime.balance_loss(model, 1.0, 1.0)
+            return
+        (loss + lime.balance_loss(model, 1.0, 1.0)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("grad", [True, False])
+def test_dora_padding_keeps_the_frozen_output(fused, grad, monkeypatch):
+    """Padding positions give W x + b in every variant, DoRA included (not its rescaled μ ⊙ W x + b)."""
+    monkeypatch.setattr(LiMELinear, "fused", fused)
+    base, layer = make_layer("dora")
+    perturb_trainable(layer)
+    mu = layer.adapter.rescale(base).detach()
+    assert (mu - 1).abs().max() > 0.05
+    layer.text_context = TextContext(mask=torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool))
+    x = torch.randn(2, 5, 12)
+    with torch.set_grad_enabled(grad):
+        out = layer(x)
+    torch.testing.assert_close(out[0, :2], base(x)[0, :2], atol=1e-6, rtol=0)
+    real_z = mu * (x @ base.weight.T) + base.bias
+    assert not torch.allclose(out[0, 2:], base(x)[0, 2:], atol=1e-3)  # real tokens: adapted
+    assert (real_z - base(x)).abs().max() > 1e-2  # so the two frozen outputs really differ
+
+
+def test_global_norm_refuses_cached_decoding():
+    """routing.norm=global normalises over the whole batch, which a decoding step cannot see: refused."""
+    model = lime.apply_lime(tiny_causal_lm(), LiMEConfig(routing=dict(norm="global")))
+    ids, mask = left_padded_batch([6, 4], total=6)
+    model(input_ids=ids, attention_mask=mask)  # a full forward is fine
+    with pytest.raises(RuntimeError, match="norm='global'.*cached generation"):
+        decode_step_by_step(model, ids, mask, prefill=3)
+    with torch.no_grad():  # uncached generation is what it can do
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       use_cache=False)
+
+
+def _media_features(model, inputs, media):
+    """Per image (video): the vision tower's features as the language model receives them."""
+    inner = model.model
+    if "pixel_values" in inputs and "image_grid_thw" in inputs:  # Qwen2-VL: every image's patches on one axis
+        return list(inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+    if "video_grid_thw" in inputs:
+        return list(inner.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output)
+    if media == "image":  # LLaVA-OV: a batch axis of tiles
+        return list(inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output)
+    return list(inner.get_video_features(inputs["pixel_values_videos"]).pooler_output)
+
+
+def _one_sample(inputs, index):
+    """Sample `index` of a processor batch, alone (Qwen2-VL's packed pixel rows sliced by its grid)."""
+    one = {}
+    for key in ("image", "video"):
+        grid_key, pixels_key = f"{key}_grid_thw", "pixel_values" if key == "image" else "pixel_values_videos"
+        if grid_key in inputs:
+            rows = inputs[grid_key].prod(-1)
+            start = int(rows[:index].sum())
+            one[pixels_key] = inputs[pixels_key][start : start + int(rows[index])]
+            one[grid_key] = inputs[grid_key][index : index + 1]
+    for key, value in inputs.items():
+        one.setdefault(key, value[index : index + 1])
+    return one
+
+
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_vision_features_do_not_depend_on_the_batch(tiny_model, make_inputs, media, monkeypatch):
+    """Images and videos of different sizes: each one's features are those it gets alone (n-gram windows and
+    every per-sequence statistic stay inside one image, also in Qwen2-VL's packed tower)."""
+    # One no-grad path whatever the token count (the paths differ in fp32 summation order only).
+    monkeypatch.setattr(LiMELinear, "direct_max_tokens", 0)
+    base, processor = tiny_model
+    model = lime.apply_lime(copy.deepcopy(base), LiMEConfig(targets=_targets(base), routing=dict(n_gram=3)))
+    perturb_trainable(model, scale=0.5)
+    inputs = make_inputs(processor, batch_size=3, media=media)
+    with torch.no_grad():
+        batched = _media_features(model, inputs, media)
+        for index in range(3):
+            alone = _media_features(model, _one_sample(inputs, index), media)
+            assert len(alone) == 1 and alone[0].shape == batched[index].shape
+            torch.testing.assert_close(batched[index], alone[0], atol=1e-5, rtol=0)
+
+
+def test_qwen2_vl_generation_does_not_depend_on_the_batch(tiny_qwen2_vl, make_inputs):
+    """End to end: a sample's generated logits are those it gets alone (images of different sizes, n-gram 3)."""
+    base, processor = tiny_qwen2_vl
+    model = lime.apply_lime(copy.deepcopy(base), LiMEConfig(targets=_targets(base), routing=dict(n_gram=3)))
+    perturb_trainable(model, scale=0.5)
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    inputs = make_inputs(processor, batch_size=3, generation=True)
+    with torch.no_grad():
+        batched = model.generate(**inputs, **kwargs)
+        for index in range(3):
+            alone = model.generate(**_one_sample(inputs, index), **kwargs)
+            for step in range(3):
+                torch.testing.assert_close(batched.logits[step][index], alone.logits[step][0], atol=1e-4, rtol=0)

@@ -18,7 +18,8 @@ def configs(tmp_path, *overrides):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose("config", overrides=[
             "data.generate.train_per_task=4", "data.generate.test_per_task=1", f"data.cache_dir={tmp_path / 'data'}",
-            "model.pretrain.steps=3", "model.pretrain.batch_size=4", f"model.pretrain.cache_dir={tmp_path / 'bb'}",
+            "model.pretrain.steps=3", "model.pretrain.batch_size=4", "model.pretrain.samples=16",
+            f"model.pretrain.cache_dir={tmp_path / 'bb'}",
             *overrides])
     cfg = OmegaConf.to_container(cfg, resolve=True)
     return cfg["model"], cfg["data"]
@@ -32,21 +33,26 @@ def test_backbone_is_pretrained_once_evaluated_alone_and_loaded(tmp_path, monkey
     out = Path(built["name_or_path"])
     assert built["tiny"] is None and built["pretrain"] is None and out.parent == tmp_path / "bb"
     info = json.loads((out / pretrain.COMPLETE).read_text())
-    assert info["steps"] == 3 and info["samples"] == 64 and info["recipe"]["data_seed"] != data_cfg["generate"]["seed"]
-    # The baseline: the backbone alone on every test split of the benchmark (one sample per task here).
+    assert info["steps"] == 3 and info["samples"] == 16 and info["recipe"]["data_seed"] != data_cfg["generate"]["seed"]
+    # The baseline: the backbone alone on every test split of the benchmark (one sample per task here), kept
+    # beside the weights per benchmark copy.
     baseline = pretrain.backbone_results(model_cfg, data_cfg)
-    assert baseline == json.loads((out / pretrain.BASELINE).read_text())
-    assert len(baseline["tasks"]) == 16 and all(t["samples"] == 1 for t in baseline["tasks"].values())
-    assert info["backbone_alone"] == baseline["overall"]
-    assert len(list((out / "backbone_eval" / "predictions").glob("*.jsonl"))) == 16
+    scored = pretrain.baseline_dir(model_cfg, data_cfg)
+    assert scored.parent == out and baseline == json.loads((scored / pretrain.BASELINE).read_text())
+    assert len(baseline["tasks"]) == 18 and all(t["samples"] == 1 for t in baseline["tasks"].values())
+    assert len(list((scored / "backbone_eval" / "predictions").glob("*.jsonl"))) == 18
     # The run's comparison: chance, backbone alone, adapted model, per category and overall.
     table = pretrain.comparison_table(baseline, baseline, Taxonomy.from_config(data_cfg["taxonomy"])).splitlines()
     assert len(table) == 1 + 7 + 2
     vision = baseline["categories"]["Vision Benchmark"]["score"]
-    assert table[1].split()[-3:] == ["25.00", f"{vision:.2f}", f"{vision:.2f}"]
+    assert table[1].split()[-3:] == ["37.50", f"{vision:.2f}", f"{vision:.2f}"]
     # Cached: a second call trains nothing; a data subset in the run does not change the backbone or its baseline.
     monkeypatch.setattr(pretrain, "pretrain", lambda *a: pytest.fail("pretrained again"))
-    assert pretrain.ensure_backbone(model_cfg, {**data_cfg, "tasks": ["digit"]}) == built
+    assert pretrain.ensure_backbone(model_cfg, {**data_cfg, "tasks": ["shape"]}) == built
+    # Another benchmark size: the same weights, scored once more on that copy.
+    bigger = {**data_cfg, "generate": {**data_cfg["generate"], "test_per_task": 2}}
+    assert pretrain.ensure_backbone(model_cfg, bigger) == built
+    assert pretrain.backbone_results(model_cfg, bigger)["tasks"]["shape"]["samples"] == 2
     # Another recipe is another backbone.
     other_cfg, _ = configs(tmp_path, "model.pretrain.steps=4")
     assert pretrain.backbone_dir(other_cfg, data_cfg) != out

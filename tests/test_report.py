@@ -289,6 +289,7 @@ def low_dpi(monkeypatch):
     monkeypatch.setattr(plotting, "PNG_DPI", 60)
 
 
+@pytest.mark.slow
 def test_figures_for_each_panel(sweeps, tmp_path, low_dpi):
     out = tmp_path / "figures"
     paths = make_figures.main([str(sweeps["root"]), "--out", str(out), "--paper"])
@@ -407,6 +408,7 @@ def more_panels(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_figures_series_baseline_and_categorical_panels(more_panels, tmp_path, low_dpi):
     paths = make_figures.main([str(more_panels), "--out", str(tmp_path), "--paper"])
     stems = {p.stem for p in paths}

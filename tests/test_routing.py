@@ -115,18 +115,33 @@ def test_window_anchors_match_naive(n, anchor):
     valid[1, :3] = False  # left padding
     valid[2, 6:] = False  # right padding
     valid[3, [0, 4]] = False  # holes
-    anchor_pos, in_past = window_anchors(valid, 9, n, anchor)
-    assert torch.equal(anchor_pos, naive_anchor_positions(valid, n, anchor))
-    assert not in_past.any()
+    assert torch.equal(window_anchors(valid, 9, n, anchor), naive_anchor_positions(valid, n, anchor))
 
 
 def test_window_anchors_in_decoding_point_to_the_past():
     valid = torch.ones(2, 7, dtype=torch.bool)
     valid[1, :2] = False
-    # the 7th token of row 0 has index 6: window [6, 9) opens at itself; row 1 has index 4: window [3, 6)
-    anchor_pos, in_past = window_anchors(valid, 1, 3, "first")
-    assert in_past.tolist() == [[False], [True]]
-    assert anchor_pos.tolist() == [[0], [0]]
+    # the 7th token of row 0 has index 6: window [6, 9) opens at itself; row 1 has index 4: window [3, 6),
+    # opened by the token at position 5
+    assert window_anchors(valid, 1, 3, "first").tolist() == [[6], [5]]
+    # two new tokens (a verification step of assisted decoding): the same anchors as the full sequence's
+    assert torch.equal(window_anchors(valid, 2, 3, "first"), naive_anchor_positions(valid, 3, "first")[:, -2:])
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("anchor", ["first", "last"])
+def test_window_anchors_of_packed_sequences(n, anchor):
+    """Several sequences packed on one row (Qwen2-VL's vision tower): windows restart at each sequence."""
+    lengths = torch.tensor([5, 3, 4])
+    ends = lengths.cumsum(0)
+    image = torch.repeat_interleave(torch.arange(3), lengths)
+    bounds = ((ends - lengths)[image].unsqueeze(0), (ends - 1)[image].unsqueeze(0))
+    packed = window_anchors(torch.ones(1, 12, dtype=torch.bool), 12, n, anchor, bounds)
+    start = 0
+    for length in lengths.tolist():
+        alone = naive_anchor_positions(torch.ones(1, length, dtype=torch.bool), n, anchor)
+        assert torch.equal(packed[:, start : start + length], alone + start)
+        start += length
 
 
 @pytest.mark.parametrize("norm", ["token", "global"])
@@ -165,10 +180,13 @@ def test_jitter_only_in_training():
     assert torch.equal(a, b)
 
 
-def test_anchor_last_is_refused_under_cached_decoding():
-    router = Router(8, 8, E, RoutingConfig(n_gram=2, anchor="last")).eval()
+@pytest.mark.parametrize("kwargs, key", [(dict(n_gram=2, anchor="last"), "anchor='last'"),
+                                         (dict(norm="global"), "norm='global'")])
+def test_settings_that_cannot_decode_with_a_cache_are_refused(kwargs, key):
+    router = Router(8, 8, E, RoutingConfig(**kwargs)).eval()
     z = torch.randn(1, 1, 8)
-    with pytest.raises(RuntimeError, match="anchor='last'.*cached generation"):
+    router(z, z, z, torch.ones(1, 1, dtype=torch.bool))  # a full forward (or a prefill) is fine
+    with pytest.raises(RuntimeError, match=f"{key}.*cached generation"):
         router(z, z, z, torch.ones(1, 4, dtype=torch.bool))
 
 

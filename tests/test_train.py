@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from lime.config import ConfigError
 from lime.run import peak_memory_bytes, reset_peak_memory, run
+from lime.settings import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # A few samples per task, a random (not pretrained) backbone, a handful of steps: the machinery, not the scores.
@@ -38,7 +39,7 @@ def train_command(run_dir: Path, *overrides: str) -> list[str]:
 def test_end_to_end_run_directory(tmp_path):
     results = run(compose_config(*SMALL, "trainer.balance.every=2"), tmp_path)
     info = json.loads((tmp_path / "run_info.json").read_text())
-    assert info["status"] == "completed" and info["trainable_params"] == 6032 and info["train_samples"] == 64
+    assert info["status"] == "completed" and info["trainable_params"] == 6032 and info["train_samples"] == 72
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
@@ -46,9 +47,9 @@ def test_end_to_end_run_directory(tmp_path):
     assert ["balance_loss" in m for m in steps] == [True, False, True, False]  # steps 0 and 2 of 0..3
     assert metrics[-1]["final"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert len(results["tasks"]) == 16 and all(t["samples"] == 2 for t in results["tasks"].values())
+    assert len(results["tasks"]) == 18 and all(t["samples"] == 2 for t in results["tasks"].values())
     assert "lenient" in results["other_scorers"]
-    assert len(list((tmp_path / "predictions").glob("*.jsonl"))) == 16
+    assert len(list((tmp_path / "predictions").glob("*.jsonl"))) == 18
     assert 0 < info["train_peak_memory_bytes"] <= info["peak_memory_bytes"]
 
     # mode=eval reloads the adapter and reproduces the predictions
@@ -56,6 +57,7 @@ def test_end_to_end_run_directory(tmp_path):
     assert again["tasks"] == results["tasks"]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_adapter(tmp_path):
     overrides = ["trainer.max_steps=8", "trainer.save_steps=2", "trainer.save_total_limit=null",
                  "trainer.evaluate=false"]
@@ -85,6 +87,7 @@ def test_resume_after_sigkill_gives_the_same_adapter(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
+@pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) trains as one process does with the same global batch.
 
@@ -156,6 +159,7 @@ def test_resolved_config_shows_every_spec_value():
     assert trainer["balance"] == {"every": 50, "warmup_steps": 0, "scale": 0.01, "importance": 0.1, "kl": 0.01}
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_stops_cleanly_and_resumes(tmp_path):
     overrides = ["trainer.max_steps=400", "trainer.evaluate=false"]
     process = subprocess.Popen(train_command(tmp_path, *overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -192,8 +196,9 @@ def test_non_finite_loss_stops_with_the_step_after_saving_the_last_good_state(tm
         return output * float("nan") if len(calls) == 3 else output
 
     model.lm_head.register_forward_hook(poison)
-    cfg = OmegaConf.to_container(compose_config(*SMALL).trainer, resolve=True)
-    args = training_arguments({**cfg, "max_steps": 5, "batch_size": 2, "save_steps": 100}, tmp_path, seed=0)
+    trainer_settings = settings(compose_config(*SMALL, "trainer.max_steps=5", "trainer.batch_size=2",
+                                               "trainer.save_steps=100")).trainer
+    args = training_arguments(trainer_settings, tmp_path, seed=0)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (10, 8))]
     trainer = LiMETrainer(model=model, args=args, train_dataset=data, peft_lr=1e-3, moe_lr=1e-3,
                           balance={"every": 1, "scale": 0.01, "importance": 0.1, "kl": 0.01})
@@ -207,6 +212,7 @@ def test_non_finite_loss_stops_with_the_step_after_saving_the_last_good_state(tm
                        model.get_submodule("model.layers.0.self_attn.q_proj").adapter.lora_B.detach())
 
 
+@pytest.mark.slow
 def test_wandb_logs_offline_into_the_run_directory(tmp_path):
     run(compose_config(*SMALL, "trainer.max_steps=2", "trainer.evaluate=false", "trainer.wandb.enabled=true"),
         tmp_path)
@@ -248,12 +254,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.slow
 def test_a_corrupt_training_image_is_named_or_skipped_and_counted(tmp_path, on_error):
     from lime.data import mmt_mini
     from lime.data.dataset import DataError
 
     overrides = [*SMALL, f"data.cache_dir={tmp_path / 'data'}", f"data.on_error={on_error}", "trainer.evaluate=false",
-                 "trainer.max_steps=16"]  # 16 steps of 4: every one of the 64 training samples is drawn
+                 "trainer.max_steps=36"]  # 36 steps of 4: two epochs, every one of the 72 training samples drawn twice
     cfg = compose_config(*overrides)
     root = mmt_mini.ensure(OmegaConf.to_container(cfg.data, resolve=True))
     image = sorted((root / "media" / "images").rglob("train_*.png"))[3]
@@ -264,7 +271,7 @@ def test_a_corrupt_training_image_is_named_or_skipped_and_counted(tmp_path, on_e
         return
     run(cfg, tmp_path / "run")
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
-    assert info["status"] == "completed" and info["skipped_train_samples"] == 1
+    assert info["status"] == "completed" and info["skipped_train_samples"] == 1  # drawn twice, counted once
 
 
 def test_peak_memory_is_each_runs_own():
@@ -275,3 +282,8 @@ def test_peak_memory_is_each_runs_own():
     del big
     assert reset_peak_memory() == "run"
     assert first - peak_memory_bytes() > 300 * 2**20
+
+
+def test_global_norm_with_generation_is_refused_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="routing.norm: 'global'"):
+        run(compose_config(*SMALL, "routing.norm=global"), tmp_path)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from lime.data.dataset import DataError, Sample, SampleId, Skip, SkipLog
+from lime.data.dataset import DataError, MMTDataset, Sample, SampleId, Skip, SkipLog
 
 IGNORE_INDEX = -100
 _SENTINEL = "LIME_ANSWER_SENTINEL"
@@ -114,6 +114,31 @@ class Collator:
 
     def _token_ids(self, text: str) -> list[int]:
         return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_lengths(dataset: MMTDataset, processor: ProcessorMixin, max_length: int | None, truncation: str,
+                  skip_log: SkipLog | None = None) -> int:
+    """data.max_length applied to every split before any training: a question whose text alone is longer is an
+    error (truncation=error) or left out of the split (skip; with `skip_log`, counted there at once). Media
+    tokens only add to the length, so this is a lower bound; the collator checks each full sample when it is
+    drawn. Returns the number of samples left out."""
+    if max_length is None or not len(dataset):
+        return 0
+    questions = dataset.questions()
+    lengths = [len(ids) for ids in processor.tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    excluded = 0
+    for position, n in enumerate(lengths):
+        if n <= max_length:
+            continue
+        skip = Skip(dataset.row_id(position), "too_long", f"the question alone is {n} tokens > data.max_length="
+                    f"{max_length}")
+        if truncation == "error":
+            raise DataError(skip)
+        dataset.exclude(position, skip)
+        if skip_log is not None:
+            skip_log.add(skip)
+        excluded += 1
+    return excluded
 
 
 def end_of_turn(processor: ProcessorMixin) -> str:

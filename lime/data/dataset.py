@@ -19,9 +19,12 @@ import torch
 from PIL import Image
 
 from lime.data import mmt47
-from lime.data.media import MediaError, load_image, load_video
+from lime.data.media import FRAME_SAMPLING, MediaError, load_image, load_video
+from lime.settings import DataSettings, plain, section
 
 logger = logging.getLogger(__name__)
+
+PAD_SHORT_CLIPS = ("eval", "always")
 
 
 @dataclass(frozen=True)
@@ -76,13 +79,22 @@ class DataError(ValueError):
 
 @dataclass
 class SkipLog:
-    """Samples skipped during a run, reported at the end (never dropped silently)."""
+    """Samples skipped during a run, reported at the end (never dropped silently). A sample drawn again (the next
+    epoch) is counted once."""
 
     items: list[Skip] = field(default_factory=list)
+    seen: set[SampleId] = field(default_factory=set)
 
     def add(self, skip: Skip) -> None:
+        if skip.id in self.seen:
+            return
+        self.seen.add(skip.id)
         self.items.append(skip)
         logger.warning("skipped %s", skip)
+
+    def as_list(self) -> list[dict[str, Any]]:
+        """One entry per skipped sample (results.json)."""
+        return [{"id": str(s.id), "kind": s.kind, "reason": s.reason, "path": s.path} for s in self.items]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -101,20 +113,63 @@ class MMTDataset(torch.utils.data.Dataset):
     """Rows of one split -> `Sample` (decoded media) or, with on_error="skip", `Skip`."""
 
     def __init__(self, rows: datasets.Dataset, split: str, media_root: str | Path | None,
-                 num_frames: int = 8, on_error: str = "raise"):
+                 num_frames: int = 8, on_error: str = "raise", frame_sampling: str = "floor",
+                 pad_short_clips: str = "eval"):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if frame_sampling not in FRAME_SAMPLING:
+            raise ValueError(f"data.frame_sampling must be one of {FRAME_SAMPLING}, got {frame_sampling!r}")
+        if pad_short_clips not in PAD_SHORT_CLIPS:
+            raise ValueError(f"data.pad_short_clips must be one of {PAD_SHORT_CLIPS}, got {pad_short_clips!r}")
         self.rows, self.split, self.num_frames, self.on_error = rows, split, num_frames, on_error
+        self.frame_sampling = frame_sampling
+        # The released code pads a short clip to num_frames in evaluation only; its training loader keeps the
+        # clip's own frames ("eval"). "always" pads in training too.
+        self.pad_videos = pad_short_clips == "always" or split != mmt47.TRAIN_SPLIT
         self.media_root = None if media_root is None else Path(media_root)
+        self.excluded: dict[int, Skip] = {}  # position -> why (too long: lime.data.collate.check_lengths)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> Sample | Skip:
-        row = self.rows[i]
-        sample_id = SampleId(self.split, int(row.get("row_index", i)))
+    def row_id(self, i: int) -> SampleId:
+        """The id of position i: its row in the split as stored (mmt47.load numbers the rows)."""
+        if "row_index" not in self.rows.column_names:
+            return SampleId(self.split, i)
+        return SampleId(self.split, int(self.rows.select_columns(["row_index"])[i]["row_index"]))
+
+    def exclude(self, position: int, skip: Skip) -> None:
+        """Leave out the sample at `position` (a counted skip each time it is drawn)."""
+        self.excluded[position] = skip
+
+    def questions(self) -> list[str]:
+        """Every question of the split as text ("" for a missing one); a row whose text is not UTF-8 is an
+        error naming it, or with on_error="skip" excluded (and its question read as "")."""
         try:
+            return [question or "" for question in self.rows["question"]]
+        except UnicodeDecodeError:
+            return [self._question(i) for i in range(len(self))]
+
+    def _question(self, i: int) -> str:
+        item = self[i]
+        if isinstance(item, Skip):
+            self.exclude(i, item)
+            return ""
+        return item.question
+
+    def __getitem__(self, i: int) -> Sample | Skip:
+        if i in self.excluded:
+            return self.excluded[i]
+        try:
+            row = self.rows[i]
+            sample_id = SampleId(self.split, int(row.get("row_index", i)))
             return self._decode(row, sample_id)
+        except UnicodeDecodeError as err:  # bytes in a text column that are not UTF-8
+            skip = Skip(self.row_id(i), "bad_text", f"a text field is not valid UTF-8 ({err.reason} at byte "
+                        f"{err.start})", None)
+            if self.on_error == "raise":
+                raise DataError(skip) from err
+            return skip
         except DataError as err:
             if self.on_error == "raise":
                 raise
@@ -147,14 +202,19 @@ class MMTDataset(torch.utils.data.Dataset):
             if sample.source_type == "image":
                 sample.image = load_image(sample.media_path)
             else:
-                sample.video = load_video(sample.media_path, self.num_frames)
+                sample.video = load_video(sample.media_path, self.num_frames, self.frame_sampling, self.pad_videos)
         except MediaError as err:
             raise DataError(Skip(sample.id, f"{err.kind}_{sample.source_type}", err.reason, err.path)) from err
 
 
-def build(cfg: Mapping) -> dict[str, MMTDataset]:
-    """Every split of a data config (loaded, validated and subset by `mmt47.load`) as an MMTDataset."""
+def build(settings: DataSettings | Mapping[str, Any]) -> dict[str, MMTDataset]:
+    """Every split of the data settings (a plain `data` config section is checked into them first), loaded,
+    validated and subset by `mmt47.load`, as an MMTDataset."""
+    if not isinstance(settings, DataSettings):
+        settings = section(DataSettings, plain(settings), "data")
+    cfg = settings.as_dict()
     dataset = mmt47.load(cfg)
     _, media_root = mmt47.paths(cfg)
-    return {split: MMTDataset(rows, split, media_root, int(cfg.get("num_frames", 8)), cfg.get("on_error", "raise"))
+    return {split: MMTDataset(rows, split, media_root, settings.num_frames, settings.on_error,
+                              settings.frame_sampling, settings.pad_short_clips)
             for split, rows in dataset.items()}

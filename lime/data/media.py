@@ -40,38 +40,53 @@ def load_image(path: Path | str) -> Image.Image:
         raise MediaError(path, f"corrupt or truncated image ({err})", "corrupt") from err
 
 
-def sample_indices(total: int, num_frames: int) -> list[int]:
-    """`num_frames` uniformly spaced frame indices; a clip shorter than that keeps all its frames
-    and the caller pads with the last one."""
+FRAME_SAMPLING = ("floor", "round")
+
+
+def sample_indices(total: int, num_frames: int, sampling: str = "floor") -> list[int]:
+    """`num_frames` uniformly spaced frame indices of a `total`-frame clip, i_k = k (total − 1) / (num_frames − 1).
+
+    "floor" is the released code's `np.linspace(0, total - 1, num_frames, dtype=int)` (100 frames: ..., 56, 70,
+    84, ...), "round" rounds to the nearest frame instead (..., 57, 71, 85, ...). A clip of at most `num_frames`
+    frames keeps all of them, as in the released code (its training loader decodes the distinct indices only).
+    """
+    if sampling not in FRAME_SAMPLING:
+        raise ValueError(f"data.frame_sampling must be one of {FRAME_SAMPLING}, got {sampling!r}")
     if total <= num_frames:
         return list(range(total))
+    if sampling == "floor":
+        return np.linspace(0, total - 1, num_frames, dtype=int).tolist()
     return np.linspace(0, total - 1, num_frames).round().astype(int).tolist()
 
 
-def load_video(path: Path | str, num_frames: int = 8) -> np.ndarray:
-    """`num_frames` uniformly sampled RGB frames, shape (num_frames, H, W, 3), uint8.
+def load_video(path: Path | str, num_frames: int = 8, sampling: str = "floor", pad: bool = True) -> np.ndarray:
+    """Uniformly sampled RGB frames (`sample_indices`), shape (F, H, W, 3), uint8.
 
-    Clips with fewer frames are padded by repeating the last frame (SPEC section 6).
+    With `pad`, a clip of fewer than `num_frames` frames is padded to F = num_frames by repeating its last frame
+    (the released code does so in evaluation only); without, F is the clip's length.
     """
     path = Path(path)
     _check_file(path, "video")
     try:
-        frames = _decode_sampled(path, num_frames)
+        frames = _decode_sampled(path, num_frames, sampling)
     except (av.error.FFmpegError, OSError, ValueError, IndexError) as err:
         raise MediaError(path, f"corrupt video ({err})", "corrupt") from err
     if not frames:
         raise MediaError(path, "video has no decodable frames", "empty")
-    frames += [frames[-1]] * (num_frames - len(frames))
+    if pad:
+        frames += [frames[-1]] * (num_frames - len(frames))
     return np.stack(frames)
 
 
-def _decode_sampled(path: Path, num_frames: int) -> list[np.ndarray]:
+def _decode_sampled(path: Path, num_frames: int, sampling: str) -> list[np.ndarray]:
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
+        if container.format.name.endswith("_pipe") or container.format.name == "image2":
+            raise ValueError(f"a still image ({container.format.name}), not a video")
         stream = container.streams.video[0]
         total = stream.frames or _count_frames(container, stream)
-    wanted = sample_indices(total, num_frames)
+    wanted = sample_indices(total, num_frames, sampling)
     if not wanted:
         return []
     frames, last = [], None

@@ -8,7 +8,9 @@ the same format and is read by the same `load`.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -169,6 +171,8 @@ def validate(dataset: datasets.DatasetDict, taxonomy: Taxonomy, on_error: str = 
         missing = [column for column in REQUIRED_COLUMNS if column not in rows.column_names]
         if missing:
             raise SchemaError(f"split {split!r}: missing column(s) {missing}; has {rows.column_names}")
+        if not len(rows):
+            raise SchemaError(f"split {split!r} is empty (0 rows)")
         unknown = set(rows.unique("source_type")) - set(SOURCE_TYPES)
         if not unknown:
             continue
@@ -216,6 +220,9 @@ def paths(cfg: Mapping) -> tuple[str, Path | None]:
     return str(cfg["path"]), None if media_root is None else Path(str(media_root)).expanduser()
 
 
+UNKNOWN_SPLITS = ("raise", "skip")
+
+
 def load(cfg: Mapping) -> datasets.DatasetDict:
     """The validated, subset `DatasetDict` of a data config (data=mmt47 or data=mmt_mini)."""
     taxonomy = Taxonomy.from_config(cfg["taxonomy"])
@@ -223,8 +230,9 @@ def load(cfg: Mapping) -> datasets.DatasetDict:
     on_error = cfg.get("on_error", "raise")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
-    dataset = read(path)
+    dataset = drop_unknown_splits(read(path), taxonomy, cfg.get("unknown_splits", "raise"))
     validate(dataset, taxonomy, on_error)
+    dataset = with_train_tasks(dataset, cfg["taxonomy"])
     dataset = select(dataset, taxonomy, _list(cfg.get("categories")), _list(cfg.get("tasks")),
                      cfg.get("max_train_samples"), cfg.get("max_eval_samples"), cfg.get("seed", 0))
     check_media_root(dataset, media_root, on_error)
@@ -232,11 +240,59 @@ def load(cfg: Mapping) -> datasets.DatasetDict:
     return dataset
 
 
+def unknown_splits(names: Iterable[str], taxonomy: Taxonomy) -> list[str]:
+    """Splits that are neither `train` nor `{modality}_test_{task}` for a task of the taxonomy (e.g. `validation`).
+
+    A known task under the wrong modality is not "unknown": `validate` reports it as a schema error.
+    """
+    known = set(taxonomy.tasks)
+    unknown = []
+    for split in names:
+        modality, sep, task = split.partition("_test_")
+        if split != TRAIN_SPLIT and not (sep and modality in MODALITIES and task in known):
+            unknown.append(split)
+    return unknown
+
+
+def drop_unknown_splits(dataset: datasets.DatasetDict, taxonomy: Taxonomy, policy: str) -> datasets.DatasetDict:
+    """data.unknown_splits: "raise" (an error naming them) or "skip" (dropped, with a warning naming them)."""
+    if policy not in UNKNOWN_SPLITS:
+        raise ValueError(f"data.unknown_splits must be one of {UNKNOWN_SPLITS}, got {policy!r}")
+    unknown = sorted(unknown_splits(dataset, taxonomy))
+    if not unknown:
+        return dataset
+    message = (f"split(s) {unknown} are neither 'train' nor {{text|image|video|glue}}_test_{{task}} for a task of "
+               "the taxonomy")
+    if policy == "raise":
+        raise SchemaError(f"{message}; set data.unknown_splits=skip to leave them out")
+    logger.warning("%s: skipped (data.unknown_splits=skip)", message)
+    return datasets.DatasetDict({split: rows for split, rows in dataset.items() if split not in unknown})
+
+
 def read(path: str) -> datasets.DatasetDict:
-    """A `save_to_disk` directory if `path` is one, else the hub dataset `path`."""
+    """Every split of a dataset in any of the forms a user can have:
+
+    * a `DatasetDict.save_to_disk` directory (`dataset_dict.json` inside), as the released code reads it;
+    * a local copy of the hub dataset (`hf download Kowsher/MMT-47 --repo-type dataset --local-dir DIR`):
+      parquet files named `data/<split>-00000-of-00001.parquet`, `<split>.parquet` or `<split>/0000.parquet`;
+    * a hub dataset id (`Kowsher/MMT-47`), loaded with `datasets.load_dataset`.
+    """
     local = Path(path).expanduser()
-    if local.exists():
-        dataset = datasets.load_from_disk(str(local))
+    shards = parquet_splits(local) if local.is_dir() else {}
+    if local.is_dir() and (local / "dataset_dict.json").is_file():
+        try:
+            dataset = datasets.load_from_disk(str(local))
+        except IndexError as err:  # `datasets` fails this way on a split saved with no rows
+            empty = [split.name for split in sorted(local.iterdir()) if (split / "state.json").is_file()
+                     and not json.loads((split / "state.json").read_text()).get("_data_files")]
+            raise SchemaError(f"data.path {path!r}: split {', '.join(map(repr, empty)) or '?'} is empty "
+                              "(saved with 0 rows)") from err
+    elif shards:
+        files = {split: [str(file) for file in files] for split, files in shards.items()}
+        dataset = datasets.load_dataset("parquet", data_files=files)
+    elif local.exists():
+        raise SchemaError(f"data.path {path!r} is neither a save_to_disk directory (no dataset_dict.json) nor a "
+                          "folder of parquet files (a local copy of the hub dataset)")
     else:
         try:
             dataset = datasets.load_dataset(path)
@@ -246,6 +302,134 @@ def read(path: str) -> datasets.DatasetDict:
     if not isinstance(dataset, datasets.DatasetDict):
         raise SchemaError(f"data.path {path!r} holds a single split, not a DatasetDict of splits")
     return dataset
+
+
+_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")
+
+
+def parquet_splits(root: Path) -> dict[str, list[Path]]:
+    """split -> its parquet shards under `root` (hidden folders, e.g. `.cache/huggingface`, left out).
+
+    The split is the file name before `-NNNNN-of-NNNNN` (the hub's layout), else the parent folder of a numbered
+    file (`<split>/0000.parquet`, the hub's parquet conversion), else the file name itself.
+    """
+    found: dict[str, list[Path]] = {}
+    for file in sorted(root.rglob("*.parquet")):
+        if any(part.startswith(".") for part in file.relative_to(root).parts):
+            continue
+        shard = _SHARD.match(file.stem)
+        if shard:
+            split = shard.group("split")
+        elif file.stem.isdigit() and file.parent != root:
+            split = file.parent.name
+        else:
+            split = file.stem
+        found.setdefault(split, []).append(file)
+    return found
+
+
+class TaskRules:
+    """How to tell a training row's task when the train split has no `task` column (the released MMT-47's has
+    none): `train_tasks` of a taxonomy config, per task a list of rules, each a mapping column -> regex.
+
+        train_tasks:
+          sst2: [{question: "^Classify the sentiment"}]
+          okvqa: [{source_type: "^image$", media_path: "^images/okvqa/"}]
+
+    A row matches a rule when every regex of the rule is found in its column (`re.search`), and a task when it
+    matches any of the task's rules. Every training row must match exactly one task (`assign_tasks`).
+    """
+
+    def __init__(self, rules: Mapping[str, Iterable[Mapping[str, str]]], taxonomy: Taxonomy) -> None:
+        self.rules: dict[str, list[dict[str, re.Pattern]]] = {}
+        for task, task_rules in rules.items():
+            if task not in taxonomy.tasks:
+                raise SchemaError(f"taxonomy.train_tasks: {task!r} is not a task of the taxonomy")
+            self.rules[task] = [self._compile(task, rule) for rule in task_rules]
+
+    @staticmethod
+    def _compile(task: str, rule: Mapping[str, str]) -> dict[str, re.Pattern]:
+        if not rule:
+            raise SchemaError(f"taxonomy.train_tasks.{task}: an empty rule would match every row")
+        compiled = {}
+        for column, pattern in rule.items():
+            if column not in REQUIRED_COLUMNS:
+                raise SchemaError(f"taxonomy.train_tasks.{task}: {column!r} is not one of the columns "
+                                  f"{REQUIRED_COLUMNS}")
+            try:
+                compiled[column] = re.compile(str(pattern))
+            except re.error as err:
+                raise SchemaError(f"taxonomy.train_tasks.{task}.{column}: bad regex {pattern!r} ({err})") from err
+        return compiled
+
+    @classmethod
+    def from_config(cls, taxonomy_cfg: Mapping) -> TaskRules | None:
+        cfg = _plain(taxonomy_cfg)
+        rules = cfg.get("train_tasks")
+        return cls(rules, Taxonomy.from_config(cfg)) if rules else None
+
+    def matches(self, row: Mapping[str, Any]) -> list[str]:
+        return [task for task, rules in self.rules.items()
+                if any(all(p.search(str(row[c] or "")) for c, p in rule.items()) for rule in rules)]
+
+
+def assign_tasks(rows: datasets.Dataset, rules: TaskRules, split: str = TRAIN_SPLIT) -> list[str]:
+    """The task of every row; a SchemaError naming the rows (their `row_index`) that match no task or several."""
+    columns = sorted({column for task_rules in rules.rules.values() for rule in task_rules for column in rule})
+    values = {column: rows[column] for column in columns}
+    indices = rows["row_index"] if "row_index" in rows.column_names else range(len(rows))
+    tasks, unmatched, ambiguous = [], [], []
+    for i, index in enumerate(indices):
+        row = {column: values[column][i] for column in columns}
+        found = rules.matches(row)
+        if len(found) == 1:
+            tasks.append(found[0])
+            continue
+        (unmatched if not found else ambiguous).append((index, found, row))
+        tasks.append("")
+    if unmatched or ambiguous:
+        def examples(bad):
+            return "; ".join(f"row {index} {found or ''} {row}" for index, found, row in bad[:3])
+        problems = []
+        if unmatched:
+            problems.append(f"{len(unmatched)} row(s) match no task (e.g. {examples(unmatched)})")
+        if ambiguous:
+            problems.append(f"{len(ambiguous)} row(s) match several tasks (e.g. {examples(ambiguous)})")
+        raise SchemaError(f"split {split!r}: taxonomy.train_tasks must give every row exactly one task: "
+                          + "; ".join(problems))
+    return tasks
+
+
+def with_train_tasks(dataset: datasets.DatasetDict, taxonomy_cfg: Mapping) -> datasets.DatasetDict:
+    """Add a `task` column to a train split that has none, from the taxonomy's `train_tasks` rules (if any);
+    prints and logs the number of rows per task."""
+    rules = TaskRules.from_config(taxonomy_cfg)
+    train = dataset.get(TRAIN_SPLIT)
+    if rules is None or train is None or "task" in train.column_names:
+        return dataset
+    tasks = assign_tasks(train, rules)
+    counts = train_task_counts(tasks)
+    message = f"train split: tasks assigned from taxonomy.train_tasks, rows per task: {counts}"
+    print(message)
+    logger.info(message)
+    return datasets.DatasetDict({**dataset, TRAIN_SPLIT: train.add_column("task", tasks)})
+
+
+def train_task_counts(tasks: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for task in tasks:
+        counts[task] = counts.get(task, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_train_tasks(rows: datasets.Dataset, run_dir: Path) -> Path | None:
+    """<run_dir>/train_tasks.json: rows per task of the training split as used (after subsetting/sampling)."""
+    if "task" not in rows.column_names:
+        return None
+    path = Path(run_dir) / "train_tasks.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(train_task_counts(rows["task"]), indent=2) + "\n")
+    return path
 
 
 def check_media_root(dataset: datasets.DatasetDict, media_root: Path | None, on_error: str) -> None:
@@ -269,17 +453,21 @@ def check_media_root(dataset: datasets.DatasetDict, media_root: Path | None, on_
 
 
 def _with_row_index(rows: datasets.Dataset) -> datasets.Dataset:
-    if "row_index" in rows.column_names:
-        return rows
+    if "row_index" in rows.column_names:  # a column of the data file is not trusted to hold the positions
+        rows = rows.remove_columns("row_index")
     return rows.add_column("row_index", np.arange(len(rows)))
 
 
 def _filter_train(rows: datasets.Dataset, chosen: set[str]) -> datasets.Dataset:
+    """The training rows of the chosen tasks; a subset that cannot be honoured is refused, never ignored."""
     if "task" not in rows.column_names:
-        logger.warning("split 'train' has no 'task' column, so it cannot be subset by category/task: "
-                       "training on all of it (only the test splits are subset)")
-        return rows
+        raise SchemaError("data.categories / data.tasks: the train split has no 'task' column and the taxonomy "
+                          "has no train_tasks rules to assign one, so it cannot be subset; add rules to "
+                          "data.taxonomy.train_tasks (see configs/data/taxonomy/mmt_mini.yaml) or train on all tasks")
     keep = np.flatnonzero(np.isin(np.asarray(rows["task"]), sorted(chosen)))
+    missing = sorted(set(chosen) - set(np.asarray(rows["task"])[keep].tolist()))
+    if missing:
+        raise SchemaError(f"data.categories / data.tasks: task(s) {missing} have no training rows")
     return rows.select(keep)
 
 

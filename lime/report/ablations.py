@@ -2,9 +2,11 @@
 
 Every `ablation_*` name has a row in `PANELS` (the swept config key, axis labels, options) drawn by the one
 generic `plot_sweep`: score vs swept value, one subplot per category, thin lines per task and a bold category
-mean ± std over seeds. Panels with `routing_plots` add expert-usage heatmaps (layers x experts) and routing
-entropy vs the swept value. With `paper=True` the paper's published values (experiments/paper_numbers.json) are
-overlaid as hollow markers / dashed lines labelled "paper", matched to our tasks by name.
+mean ± std over seeds. Panels with `routing_plots` add expert-usage heatmaps (layers x experts, coloured around
+uniform usage 1/E) and routing entropy vs the swept value. With `paper=True` the paper's published values
+(experiments/paper_numbers.json) are overlaid as hollow markers / dashed lines labelled "paper", matched to our
+tasks by name; where none match, a note says so (stdout and the figure's subtitle) and no "paper" entry is drawn.
+Titles, seed counts and the score note are read from the runs (their task names and per-task metrics).
 """
 
 from __future__ import annotations
@@ -20,18 +22,21 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import CenteredNorm, Normalize
 from matplotlib.lines import Line2D
 
 from lime.report import paper as paper_numbers
 from lime.report.plotting import (
     PAPER_STYLE,
     SCORE_LABEL,
-    SCORE_NOTE,
     Point,
     grid,
+    note,
     palette,
     run_count_text,
     save_figure,
+    score_note,
+    seeds_text,
 )
 from lime.report.runs import Run, finite
 from lime.report.tables import Stat
@@ -48,13 +53,15 @@ def _on_off(value: Any, run: Run) -> str:
     return "on" if value in (True, "true", "True", 1) else "off"
 
 
-def _layer_count(value: Any, run: Run) -> int | None:
-    """Number of wrapped LM blocks: len(layer_indices); all of the LM's blocks when null."""
+def _layer_count(value: Any, run: Run) -> int | str:
+    """Number of wrapped LM blocks: len(layer_indices); all of the LM's blocks when null ("all" when the config
+    does not say how many the LM has)."""
     if isinstance(value, int):
         return value
     if isinstance(value, (list, tuple)):
         return len(value)
-    return run.get("model.architecture.text_config.num_hidden_layers") or run.get("model.num_layers")
+    return (run.get("model.architecture.text_config.num_hidden_layers") or run.get("model.tiny.text.num_hidden_layers")
+            or run.get("model.num_layers") or "all")
 
 
 @dataclass(frozen=True)
@@ -151,13 +158,21 @@ def x_order(points: Sequence[Point], panel: Panel) -> list:
     return known + sorted((x for x in xs if x not in known), key=str)
 
 
+# The x of baseline points: a value of its own, so that a swept value of None (e.g. layer_indices=null) is not one.
+BASELINE = "<baseline>"
+
+
+def _x_of(p: Point) -> Any:
+    return BASELINE if p.baseline else p.x
+
+
 def stats_by(points: Sequence[Point], value: Callable[[Run], float | None]) -> dict[tuple[str, Any], Stat]:
-    """{(series, x): Stat over the seeds}; x is None for baseline points."""
+    """{(series, x): Stat over the seeds}; x is BASELINE for baseline points."""
     values: dict[tuple[str, Any], list[float]] = {}
     for p in points:
         v = value(p.run)
         if finite(v):
-            values.setdefault((p.series, None if p.baseline else p.x), []).append(v)
+            values.setdefault((p.series, _x_of(p)), []).append(v)
     return {k: Stat.of(v) for k, v in values.items()}
 
 
@@ -240,15 +255,39 @@ def _paper_overlay(ax, panel: Panel, tasks: list[str], colors: list, xs: list, p
     return used
 
 
-def plot_sweep(points: Sequence[Point], panel: Panel, out_dir: Path, paper: bool = False,
-               scorer: str | None = None, paper_data: dict | None = None) -> list[Path]:
+def _task_lines(ax, points: Sequence[Point], xs: list, pos: dict, tasks: list[str], colors: list, series: str,
+                scorer: str | None) -> None:
+    """One thin line per task, drawn above the category mean. Tasks with the same scores at every x share one
+    line labelled with all their names: a line hidden under an identical one would still get a legend entry."""
+    same: dict[tuple, list[tuple[str, Any, dict]]] = {}
+    for task, color in zip(tasks, colors, strict=True):
+        task_stats = stats_by(points, lambda r, t=task: r.task_scores(scorer).get(t))
+        values = tuple((x, round(task_stats[(series, x)].mean, 9)) for x in xs if (series, x) in task_stats)
+        if values:
+            same.setdefault(values, []).append((task, color, task_stats))
+    for members in same.values():
+        _, color, task_stats = members[0]
+        _line(ax, xs, pos, task_stats, series, errors=False, color=color, marker="o", markersize=4, linewidth=1,
+              label=" = ".join(m[0] for m in members), zorder=6)
+
+
+def _no_overlay_reason(panel: Panel, tasks: Sequence[str], data: dict | None) -> str:
+    figures = [p["figure"] for p in paper_numbers.ablation_panels(panel.name, data)]
+    if not figures:
+        return f"the paper plots no values for {panel.name}"
+    return (f"the paper's {', '.join(figures)} share no task and setting with these runs "
+            f"(tasks: {', '.join(tasks)})")
+
+
+def sweep_figure(points: Sequence[Point], panel: Panel, paper: bool = False, scorer: str | None = None,
+                 paper_data: dict | None = None) -> plt.Figure | None:
     """Score vs swept value: one subplot per category; per-task lines (single series) and the category
     mean ± std; baseline runs as horizontal lines; the paper's points overlaid when asked."""
     xs = x_order(points, panel)
     pos = _positions(xs, panel.categorical or not all(finite(x) for x in xs))
     categories = _category_tasks(points, scorer)
     if not xs or not categories:
-        return []
+        return None
     series_names = sorted({p.series for p in points})
     single = len(series_names) == 1
     series_colors = dict(zip(series_names, ["black"] if single else palette(len(series_names)), strict=True))
@@ -257,16 +296,13 @@ def plot_sweep(points: Sequence[Point], panel: Panel, out_dir: Path, paper: bool
     for ax, (category, tasks) in zip(axes, categories.items(), strict=True):
         colors = palette(len(tasks))
         if single:
-            for task, color in zip(tasks, colors, strict=True):
-                task_stats = stats_by(points, lambda r, t=task: r.task_scores(scorer).get(t))
-                _line(ax, xs, pos, task_stats, series_names[0], errors=False, color=color, marker="o",
-                      markersize=4, linewidth=1, alpha=0.85, label=task)
+            _task_lines(ax, points, xs, pos, tasks, colors, series_names[0], scorer)
         cat_stats = stats_by(points, lambda r, c=category: r.category_scores(scorer).get(c))
         for name, color in series_colors.items():
             label = "category mean (ours)" if single else f"{name} (ours)"
             _line(ax, xs, pos, cat_stats, name, color=color, marker="D", markersize=6, linewidth=2.4,
                   label=label, zorder=5)
-            base = cat_stats.get((name, None))
+            base = cat_stats.get((name, BASELINE))
             if base is not None:
                 ax.axhline(base.mean, color=color, linestyle=":", linewidth=1.8,
                            label=f"{panel.baseline_label or 'baseline'}{'' if single else f' {name}'} (ours)")
@@ -286,13 +322,24 @@ def plot_sweep(points: Sequence[Point], panel: Panel, out_dir: Path, paper: bool
                         Line2D([], [], color="0.3", marker="o", label="paper (hollow, dashed)", **PAPER_STYLE)]
         # Beside the axes, so that it never hides a point.
         ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    subtitle = f"{run_count_text(points)}; {SCORE_NOTE}"
+    shown = [t for tasks in categories.values() for t in tasks]
+    subtitle = f"{run_count_text(points)}; {score_note([p.run for p in points], shown, scorer)}"
     if figures_used:
         subtitle += f"\npaper: {', '.join(sorted(figures_used))}"
+    elif paper:
+        reason = _no_overlay_reason(panel, shown, paper_data)
+        note(f"{panel.name}: --paper: no paper values drawn: {reason}")
+        subtitle += "\npaper: no values comparable to these runs (nothing overlaid)"
     fig.suptitle(f"{panel.title}\n{subtitle}", fontsize=12)
     if paper:
         _claims_footer(fig, panel.name, paper_data)
-    return save_figure(fig, out_dir, panel.name)
+    return fig
+
+
+def plot_sweep(points: Sequence[Point], panel: Panel, out_dir: Path, paper: bool = False,
+               scorer: str | None = None, paper_data: dict | None = None) -> list[Path]:
+    fig = sweep_figure(points, panel, paper, scorer, paper_data)
+    return [] if fig is None else save_figure(fig, out_dir, panel.name)
 
 
 def _claims_footer(fig: plt.Figure, experiment: str, data: dict | None) -> None:
@@ -374,38 +421,81 @@ def layer_matrix(usage: dict[str, list[float]]) -> tuple[list[str], np.ndarray]:
     return labels, np.array([np.mean(rows[k], axis=0) for k in keys])
 
 
-def plot_heatmaps(points: Sequence[Point], panel: Panel, out_dir: Path) -> list[Path]:
-    """Expert usage per layer (rows) and expert (columns) for each swept value, averaged over seeds."""
-    xs = x_order(points, panel)
+@dataclass
+class UsageCell:
+    title: str
+    labels: list[str]
+    matrix: np.ndarray  # layers x experts, mean over `seeds` runs
+    seeds: int
+
+
+def usage_norm(matrices: Sequence[np.ndarray]) -> Normalize:
+    """Colours scaled to the data: centred on uniform usage 1/E (white) and reaching the largest deviation from
+    it, so that a skew of 0.01 is as visible as the data allows; a fixed 0..max scale would hide it. With
+    different expert counts there is no common centre: the data's own min..max."""
+    experts = {m.shape[1] for m in matrices}
+    if len(experts) == 1:
+        uniform = 1.0 / experts.pop()
+        deviation = max(float(np.abs(m - uniform).max()) for m in matrices)
+        return CenteredNorm(vcenter=uniform, halfrange=max(deviation, 1e-6))
+    return Normalize(min(float(m.min()) for m in matrices), max(float(m.max()) for m in matrices))
+
+
+def _annotate(ax, matrix: np.ndarray, norm: Normalize) -> None:
+    """Each cell's value, in white on the saturated ends of the colour map."""
+    for (row, col), value in np.ndenumerate(matrix):
+        color = "white" if abs(float(norm(value)) - 0.5) > 0.3 else "black"
+        ax.text(col, row, f"{value:.3f}", ha="center", va="center", fontsize=6.5, color=color)
+
+
+MAX_ANNOTATED_ROWS = 12  # beyond this (a 24-block LM) the numbers no longer fit in the cells
+
+
+def usage_cells(points: Sequence[Point], panel: Panel) -> list[UsageCell]:
+    """One cell per (series, swept value): the per-layer usage averaged over its seeds."""
     cells = []
     for name in sorted({p.series for p in points}):
-        for x in [*xs, None]:
-            runs = [p.run for p in points if p.series == name and (None if p.baseline else p.x) == x]
+        for x in [*x_order(points, panel), BASELINE]:
+            runs = [p.run for p in points if p.series == name and _x_of(p) == x]
             matrices = [layer_matrix(u) for r in runs if (u := r.layer_usage())]
             if not matrices or len({m[1].shape for m in matrices}) != 1:
                 continue  # no per-layer usage logged, or seeds with different layer sets: nothing to average
-            title = panel.baseline_label if x is None else f"{_short(panel.xlabel)} = {x}"
-            cells.append((f"{name}: {title}" if name else title, matrices[0][0],
-                          np.mean([m[1] for m in matrices], axis=0)))
+            title = panel.baseline_label if x == BASELINE else f"{_short(panel.xlabel)} = {x}"
+            cells.append(UsageCell(f"{name}: {title}" if name else title, matrices[0][0],
+                                   np.mean([m[1] for m in matrices], axis=0), len(matrices)))
+    return cells
+
+
+def usage_figure(points: Sequence[Point], panel: Panel) -> plt.Figure | None:
+    """Expert usage per layer (rows) and expert (columns) for each swept value, averaged over seeds."""
+    cells = usage_cells(points, panel)
     if not cells:
-        return []
-    vmax = max(float(c[2].max()) for c in cells)
-    n_rows = max(len(c[1]) for c in cells)
+        return None
+    norm = usage_norm([c.matrix for c in cells])
+    n_rows = max(len(c.labels) for c in cells)
     fig, axes = grid(len(cells), width=2.6, height=max(3.0, 0.16 * n_rows + 1.2), max_cols=6)
-    for ax, (title, labels, matrix) in zip(axes, cells, strict=True):
-        image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    for ax, cell in zip(axes, cells, strict=True):
+        image = ax.imshow(cell.matrix, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+        if len(cell.labels) <= MAX_ANNOTATED_ROWS:
+            _annotate(ax, cell.matrix, norm)
         ax.grid(False)
-        ax.set_xticks(range(matrix.shape[1]), [str(e + 1) for e in range(matrix.shape[1])])
-        step = max(1, math.ceil(len(labels) / 24))  # keep layer labels legible
-        ax.set_yticks(range(0, len(labels), step), labels[::step], fontsize=7)
-        h = entropy(matrix.mean(axis=0))
-        ax.set_title(f"{title}\nH(mean usage) = {h:.3f}" if h is not None else title, fontsize=9)
+        ax.set_xticks(range(cell.matrix.shape[1]), [str(e + 1) for e in range(cell.matrix.shape[1])])
+        step = max(1, math.ceil(len(cell.labels) / 24))  # keep layer labels legible
+        ax.set_yticks(range(0, len(cell.labels), step), cell.labels[::step], fontsize=7)
+        h = entropy(cell.matrix.mean(axis=0))
+        ax.set_title(f"{cell.title}\nH(mean usage) = {h:.3f}" if h is not None else cell.title, fontsize=9)
         ax.set_xlabel("expert")
     axes[0].set_ylabel("layer")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="mean routing weight p̄_e")
-    fig.suptitle(f"{panel.title}: expert utilisation per layer (final logged step, mean over seeds)",
-                 fontsize=11)
-    return save_figure(fig, out_dir, f"{panel.name}_usage")
+    centre = "\n(white: uniform 1/E)" if isinstance(norm, CenteredNorm) else ""
+    fig.colorbar(image, ax=axes, shrink=0.8, label=f"mean routing weight p̄_e{centre}")
+    seeds = seeds_text(c.seeds for c in cells)
+    fig.suptitle(f"{panel.title}: expert utilisation per layer (final logged step, {seeds})", fontsize=11)
+    return fig
+
+
+def plot_heatmaps(points: Sequence[Point], panel: Panel, out_dir: Path) -> list[Path]:
+    fig = usage_figure(points, panel)
+    return [] if fig is None else save_figure(fig, out_dir, f"{panel.name}_usage")
 
 
 def _short(label: str) -> str:

@@ -1,7 +1,8 @@
 """Figure 2: throughput vs training time, peak memory, parameters per method, and all of it relative to one method.
 
 The paper's absolute values are overlaid only on runs of its model (LLaVA-OV-0.5B); on another model only the
-ratios compare (lime.report.efficiency holds the numbers).
+ratios compare (lime.report.efficiency holds the numbers). A "paper" legend entry appears only where a paper value
+is drawn; where none can be, a note says why (stdout and the title).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from lime.report import paper as paper_numbers
 from lime.report.efficiency import (
     EFFICIENCY_FIELDS,
     RELATIVE_FIELDS,
+    RELATIVE_TO,
     efficiency_stats,
     memory_label,
     paper_value,
     relative_efficiency,
     same_model_as_paper,
 )
-from lime.report.plotting import Point, palette, run_count_text, save_figure
+from lime.report.plotting import Point, note, palette, run_count_text, save_figure
 from lime.report.runs import Run
 from lime.report.tables import Stat, write_efficiency_table
 
@@ -75,7 +77,15 @@ def plot_efficiency(runs: Sequence[Run], out_dir: Path, paper: bool = False,
     colors = dict(zip(methods, palette(len(methods)), strict=True))
     n = run_count_text([Point(m, 0, False, r) for r in runs for m in [r.method]])
     absolute = paper and same_model_as_paper(runs, paper_data)
-    if paper and not absolute:
+    if paper and not any(paper_numbers.efficiency_row(m, paper_data) for m in methods):
+        note(f"efficiency: --paper: no paper values drawn: Fig. 2 has none of these methods ({', '.join(methods)})")
+        paper = absolute = False
+        n += "; paper: Fig. 2 has none of these methods (nothing overlaid)"
+    elif paper and not absolute:
+        model = (paper_data or paper_numbers.load())["figure2"]["model"]
+        ours = ", ".join(sorted({str(r.info.get("model")) for r in runs}))
+        note(f"efficiency: --paper: Fig. 2's absolute values are for {model}, these runs for {ours}: "
+             "the paper is drawn in the relative figure only")
         n += "; paper values: relative figure only (another model)"
     paths = []
 
@@ -94,11 +104,12 @@ def plot_efficiency(runs: Sequence[Run], out_dir: Path, paper: bool = False,
             ax.plot(pt, ps, marker=_marker(method), markersize=11, color=colors[method], markerfacecolor="white",
                     linestyle="none")
             ax.plot([t.mean, pt], [s.mean, ps], color=colors[method], linewidth=0.7, linestyle=":")
-    tag = " (paper: PIXEL)" if absolute else ""
+    drawn = absolute and _has_paper_values(methods, ["train_time", "throughput"], paper_data)
+    tag = " (paper: PIXEL)" if drawn else ""
     ax.set_xlabel(EFFICIENCY_FIELDS["train_time"][0] + tag)
     ax.set_ylabel(EFFICIENCY_FIELDS["throughput"][0] + tag)
     ax.set_title(f"Training throughput vs training time\n{n}", fontsize=11)
-    ax.legend(handles=ax.get_legend_handles_labels()[0] + _legend_handles(absolute), frameon=False, fontsize=8,
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + _legend_handles(drawn), frameon=False, fontsize=8,
               loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     paths += save_figure(fig, out_dir, "efficiency_time_throughput")
@@ -113,14 +124,20 @@ def plot_efficiency(runs: Sequence[Run], out_dir: Path, paper: bool = False,
     return paths + write_efficiency_table(stats, paper_data, out_dir)
 
 
+def _has_paper_values(methods: list[str], fields: list[str], data: dict | None) -> bool:
+    """Whether Fig. 2 has every one of `fields` for some method: a point the figure can draw."""
+    return any(all(paper_value(m, f, data) is not None for f in fields) for m in methods)
+
+
 def _dot_figure(methods: list[str], fields: list[str], stats: dict, colors: dict, paper: bool, data: dict | None,
                 title: str, out_dir: Path, name: str) -> list[Path]:
+    paper = paper and any(_has_paper_values(methods, [f], data) for f in fields)
     fig, axes = plt.subplots(1, len(fields), figsize=(5.2 * len(fields) + 1.5, 0.42 * len(methods) + 1.8),
                              squeeze=False)
     for ax, field in zip(axes[0], fields, strict=True):
         _dot_panel(ax, methods, stats, field, colors, paper, data)
     axes[0][-1].legend(handles=_legend_handles(paper), frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(textwrap.fill(title, 90), fontsize=11)
+    fig.suptitle("\n".join(textwrap.fill(line, 90) for line in title.splitlines()), fontsize=11)  # keep breaks
     fig.tight_layout()
     return save_figure(fig, out_dir, name)
 
@@ -130,6 +147,8 @@ def plot_efficiency_relative(stats: dict[str, dict[str, Stat]], colors: dict, pa
     """`relative_efficiency` drawn: one row per method, ours filled and the paper's hollow, 1 = the reference."""
     reference, relative, paper_relative = relative_efficiency(stats, paper_data)
     if reference is None:
+        note("efficiency: --paper: no relative figure: it needs one of the paper's reference methods "
+             f"({', '.join(RELATIVE_TO)}) among the runs")
         return []
     methods = list(stats)
     width, height = 4.2 * len(RELATIVE_FIELDS) + 1.5, 0.42 * len(methods) + 1.8

@@ -58,6 +58,8 @@ class Row:
     total_params: float | None = None
     params_text: str = "–"
     runs: list[Run] = field(default_factory=list)
+    difference: Any = None  # a lime.report.stats.Difference: Δ Mean vs the reference row, bootstrap 95% interval
+    answer_loss: Stat | None = None  # mean ± std over runs of results.json answer_loss (lime/report/stats.py)
 
 
 # Below this many trainable parameters in every row (tiny models), "0.01M" would hide the differences.
@@ -212,15 +214,31 @@ def _columns(categories: Sequence[str]) -> list[str]:
     return [*categories, MEAN_COLUMN]
 
 
+def _statistics_columns(rows: Sequence[Row]) -> list[tuple[str, Any]]:
+    """(header, row -> text or None) of the columns lime/report/stats.py fills, where some row has them: the
+    answer loss and Δ Mean against the reference row with its 95% interval."""
+    columns = []
+    if any(r.answer_loss is not None for r in rows):
+        columns.append(("Answer loss", lambda r: None if r.answer_loss is None else r.answer_loss.text(3)))
+    reference = next((r.difference.reference for r in rows if r.difference is not None), None)
+    if reference is not None:
+        columns.append((f"Δ {MEAN_COLUMN} vs {reference} [95% CI]",
+                        lambda r: None if r.difference is None else r.difference.text()))
+    return columns
+
+
 def to_markdown(rows: Sequence[Row], categories: Sequence[str], notes: Sequence[str] = ()) -> str:
     columns = _columns(categories)
     best = {c: best_labels(rows, c) for c in columns}
-    lines = ["| Method | n | #TTP | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    extra = _statistics_columns(rows)
+    lines = ["| Method | n | #TTP | " + " | ".join([*columns, *(h for h, _ in extra)]) + " |",
+             "|---|---|---|" + "---|" * (len(columns) + len(extra))]
     for row in rows:
         cells = []
         for c in columns:
             text = row.cells[c].text()
             cells.append(f"**{text}**" if row.label in best[c] else text)
+        cells += [text(row) or "–" for _, text in extra]
         label = f"*{row.label}*" if row.source == "paper" else row.label
         n = "–" if row.n is None else str(row.n)
         lines.append(f"| {label} | {n} | {row.params_text} | " + " | ".join(cells) + " |")
@@ -239,7 +257,9 @@ def to_latex(rows: Sequence[Row], categories: Sequence[str], caption: str, comme
     """A booktabs table; `caption` is LaTeX already, `comment` goes above it as % lines."""
     columns = _columns(categories)
     best = {c: best_labels(rows, c) for c in columns}
-    header = " & ".join(["Method", "$n$", r"\#TTP", *(latex_escape(c) for c in columns)]) + r" \\"
+    extra = _statistics_columns(rows)
+    header = " & ".join(["Method", "$n$", r"\#TTP", *(latex_escape(c) for c in [*columns, *(h for h, _ in extra)])])
+    header += r" \\"
     body = []
     for row in rows:
         cells = []
@@ -249,6 +269,7 @@ def to_latex(rows: Sequence[Row], categories: Sequence[str], caption: str, comme
             if row.label in best[c] and stat.mean is not None:
                 text = rf"{{\boldmath{text}}}"  # \textbf does not reach inside math mode
             cells.append(text)
+        cells += ["--" if text(row) is None else "$" + text(row).replace("±", r"\pm") + "$" for _, text in extra]
         label = latex_escape(row.label)
         if row.source == "paper":
             label = rf"\textit{{{label}}}"
@@ -259,7 +280,7 @@ def to_latex(rows: Sequence[Row], categories: Sequence[str], caption: str, comme
         r"% needs \usepackage{booktabs,graphicx}",
         r"\begin{table}[t]", r"\centering", r"\small", r"\setlength{\tabcolsep}{3pt}",
         r"\resizebox{\linewidth}{!}{%",
-        r"\begin{tabular}{lrr" + "c" * len(columns) + "}", r"\toprule", header, r"\midrule", *body,
+        r"\begin{tabular}{lrr" + "c" * (len(columns) + len(extra)) + "}", r"\toprule", header, r"\midrule", *body,
         r"\bottomrule", r"\end{tabular}}", rf"\caption{{{caption}}}", r"\end{table}",
     ]
     return "\n".join(lines) + "\n"
@@ -270,12 +291,18 @@ def csv_rows(rows: Sequence[Row], categories: Sequence[str]) -> tuple[list[str],
     fields = ["method", "group", "source", "n", "trainable_params", "total_params"]
     for c in _columns(categories):
         fields += [f"{c} mean", f"{c} std"]
+    fields += ["answer loss mean", "answer loss std", "delta vs", "delta", "delta low", "delta high"]
     out = []
     for row in rows:
         record = {"method": row.label, "group": row.group, "source": row.source, "n": row.n,
                   "trainable_params": row.trainable_params, "total_params": row.total_params}
         for c in _columns(categories):
             record[f"{c} mean"], record[f"{c} std"] = row.cells[c].mean, row.cells[c].std
+        if row.answer_loss is not None:
+            record["answer loss mean"], record["answer loss std"] = row.answer_loss.mean, row.answer_loss.std
+        if row.difference is not None:
+            d = row.difference
+            record.update({"delta vs": d.reference, "delta": d.mean, "delta low": d.low, "delta high": d.high})
         out.append(record)
     return fields, out
 
