@@ -18,13 +18,17 @@ the gate (Linear(384 -> E) with bias); τ = `peft.cluster_temperature` (0.05), �
 Every token of a sample goes to the sample's expert. B's start at 0, so the layer is its base at init.
 Trainable per layer: (E + 1)·r(d_in + d_out) + 384·C + 384·E + E.
 
-Where the two sources differ: the released layer weights the expert output by w twice (its SparseDispatcher's
-`combine` multiplies by the gate, then `y_e * w`), i.e. w² B_k A_k x; we apply w once, as the formula reads.
-The released model adapts the language model only (LoRA on Vicuna), and so does `peft=mocle`
-(`language_model_only: true`): a vision-tower batch row is an image crop or a frame, not a sample, and has no
-instruction cluster. A model whose clustering was never fitted (a bare `apply_lime`) has no clusters: every
-sample then gets w = 0, the universal expert alone; once a clustering is attached, a forward without
-`instruction_cluster` is an error.
+What we take from where. The gate, its noise, top-1, the universal expert and the per-layer cluster embeddings
+are the released lora/layer.py's; C = 64 and τ = 0.05 its released c64_t005 model's; E, r, alpha and the
+targets are Table 2's shared setting (MoCLE itself: r = 8, alpha = 32, dropout 0.1, q/v). The released layer
+weights the expert output by w twice (its SparseDispatcher's `combine` multiplies by the gate before
+`y_e * w + y_g * (1 - w)`), i.e. w² B_k A_k x; we apply w once, the mixture that line spells out (the paper's
+text was not available to us to settle it). The gate and cluster embeddings (`router.*`) train at `moe_lr`
+like every router here; MoCLE trains everything at one rate. The released model adapts the language model
+only (LoRA on Vicuna), and so does `peft=mocle` (`language_model_only: true`): a vision-tower batch row is an
+image crop or a frame, not a sample, and has no instruction cluster. A model whose clustering was never fitted
+(a bare `apply_lime`) has no clusters: every sample then gets w = 0, the universal expert alone; once a
+clustering is attached, a forward without `instruction_cluster` is an error.
 """
 
 from __future__ import annotations
