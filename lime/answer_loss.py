@@ -38,7 +38,8 @@ UNIT = "nats per answer token"
 def sample_losses(model: nn.Module, processor: ProcessorMixin, dataset: MMTDataset,
                   batch_size: int) -> list[float]:
     """The answer loss of every sample of a split (skipped samples, with data.on_error=skip, left out)."""
-    collator = Collator(processor, mode="train", skip_log=SkipLog())
+    collator = Collator(processor, mode="train", skip_log=SkipLog(),
+                        instruction_clusters=getattr(model, "lime_clusters", None))  # MoCLE's clustering
 
     def collate(items: list) -> dict | None:  # a batch of skipped samples only has no loss
         return collator(items) if any(isinstance(item, Sample) for item in items) else None

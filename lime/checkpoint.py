@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lime.config import LiMEConfig
 from lime.inject import apply_lime, lime_modules
+from lime.mocle import read_clusters, save_clusters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -114,6 +115,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     with atomic_directory(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        save_clusters(model, tmp)  # MoCLE's fitted instruction clustering
     return Path(directory)
 
 
@@ -281,8 +283,11 @@ def load_adapter(model: nn.Module, directory: str | Path, check_base_model: bool
     weights = directory / WEIGHTS_NAME
     tensors = _read_weights(weights)
     _check_tensors(tensors, expected, manifest, weights)
+    clusters = read_clusters(directory, config)
     if not hasattr(model, "lime_config"):
         apply_lime(model, config)
+    if clusters is not None:
+        model.lime_clusters = clusters
     with torch.no_grad():
         for key, tensor in adapter_state_dict(model).items():
             tensor.copy_(tensors[key])

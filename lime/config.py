@@ -24,6 +24,7 @@ SELECTIONS = ("auto", "topk", "soft_auto", "soft_topk", "dense")
 ANCHORS = ("first", "last")
 PROMPT_CONTEXTS = ("prompt", "input")
 DTYPES = ("float32", "bfloat16", "float16")
+EMBEDDERS = ("minilm", "hashed")  # MoCLE's instruction embedders (lime.mocle.EMBEDDERS)
 # `${min:2,${peft.num_experts}}` in configs (the experts ablation's MoELoRA top-k).
 OmegaConf.register_new_resolver("min", lambda *values: min(values), replace=True)
 
@@ -104,6 +105,10 @@ class LiMEConfig:
     slice_start: int = 0  # SliceFine: first of the r trained input columns
     num_virtual_tokens: int = 20  # prompt tuning
     param_dtype: str = "float32"  # storage dtype of the adapter and expert tensors
+    num_clusters: int = 64  # MoCLE: k-means clusters of the training instructions (lime/mocle.py)
+    cluster_temperature: float = 0.05  # MoCLE: τ of the gate's softmax
+    cluster_noise: float = 0.1  # MoCLE: std of the Gaussian noise on the gate logits, training only
+    instruction_embedder: str = "minilm"  # MoCLE: minilm (all-MiniLM-L6-v2) | hashed (tests)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
@@ -115,6 +120,11 @@ class LiMEConfig:
         _one_of(self.variant, "peft.variant", tuple(registry.VARIANTS))
         _one_of(self.method, "peft.method", tuple(registry.METHODS))
         _one_of(self.param_dtype, "peft.param_dtype", DTYPES)
+        _one_of(self.instruction_embedder, "peft.instruction_embedder", EMBEDDERS)
+        _require(isinstance(self.num_clusters, int) and self.num_clusters >= 1, "peft.num_clusters",
+                 f"{self.num_clusters} must be >= 1")
+        _require(self.cluster_temperature > 0, "peft.cluster_temperature", f"{self.cluster_temperature} must be > 0")
+        _require(self.cluster_noise >= 0, "peft.cluster_noise", f"{self.cluster_noise} must be >= 0")
         _require(len(self.targets) > 0 or self.variant == "prompt", "peft.targets", "is empty")
         _require(isinstance(self.num_experts, int) and self.num_experts >= 1, "peft.num_experts",
                  f"{self.num_experts} must be >= 1")

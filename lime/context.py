@@ -123,6 +123,7 @@ class TextContext:
     mask: Tensor | None = None  # (B, past + T) bool, True at non-pad tokens; None: every token is real
     past_length: int = 0  # tokens already in the KV cache (0 for a full forward or a prefill)
     state: CacheState | None = field(default=None, repr=False)  # kept with this call's KV cache
+    sample_clusters: Tensor | None = None  # MoCLE: each sample's instruction cluster (B,) (lime.mocle)
 
     def valid(self, batch: int, num_new: int, device: torch.device) -> Tensor:
         """(B, past + T) bool mask of real tokens for a layer call over `num_new` new tokens."""

@@ -23,6 +23,8 @@ from lime import answer_loss, scoring
 from lime.data.collate import Collator, GenerationBatch
 from lime.data.dataset import MMTDataset, SkipLog
 from lime.data.mmt47 import Taxonomy
+from lime.mocle import BATCH_KEY as INSTRUCTION_CLUSTER
+from lime.mocle import generation_clusters
 from lime.results import write_predictions, write_results
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ def generate_split(
 ) -> list[dict[str, Any]]:
     """One row per sample: id, question, answer, prediction (None where generation failed), error. A prompt
     longer than `max_length` (data.max_length) is an error or, with truncation="skip", a counted skip."""
-    collator = Collator(processor, mode="generate", max_length=max_length, truncation=truncation, skip_log=skip_log)
+    collator = Collator(processor, mode="generate", max_length=max_length, truncation=truncation, skip_log=skip_log,
+                        instruction_clusters=getattr(model, "lime_clusters", None))  # MoCLE's clustering
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     tokenizer = processor.tokenizer
     rows = []
@@ -68,10 +71,11 @@ def generate_split(
 def _generate(model: nn.Module, tokenizer: Any, batch: GenerationBatch, max_new_tokens: int) -> list[str]:
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}
-    output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-    )
+    with generation_clusters(model, inputs.pop(INSTRUCTION_CLUSTER, None)):  # MoCLE's ids (lime.mocle)
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        )
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 

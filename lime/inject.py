@@ -17,6 +17,7 @@ from lime.adapters import build_adapter
 from lime.config import ConfigError, LiMEConfig
 from lime.context import TextContext, VisionContext, track_text_mask, track_vision_sequences
 from lime.layer import LiMELinear, PEFTLinear
+from lime.mocle import track_instruction_clusters  # (and registers MoCLE)
 from lime.registry import METHODS, VARIANTS, Variant, register_method
 
 
@@ -139,7 +140,8 @@ def apply_lime(model: nn.Module, config: LiMEConfig) -> nn.Module:
             in_text = text_prefix == "" or name.startswith(text_prefix + ".")
             base = getattr(parent, child)
             setattr(parent, child, build(base, config, context if in_text else vision).train(base.training))
-        model.lime_hooks = [*track_text_mask(text_model, context), *track_vision_sequences(model, vision)]
+        model.lime_hooks = [*track_text_mask(text_model, context), *track_vision_sequences(model, vision),
+                            track_instruction_clusters(model, context)]
     model.lime_config = config
     return model
 

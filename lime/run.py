@@ -34,7 +34,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 import lime
-from lime import evaluation, models, pretrain, training
+from lime import evaluation, mocle, models, pretrain, training
 from lime.checkpoint import read_adapter_config
 from lime.config import ConfigError
 from lime.data import dataset as data
@@ -343,8 +343,10 @@ def fit(model: torch.nn.Module, processor: Any, train_set: data.MMTDataset, sett
     if trainer_settings.gradient_checkpointing:
         model.config.use_cache = False
     skips = SkipLog()  # counted skips (data.on_error=skip, truncation=skip); with num_workers=0 they land here
+    mocle.fit_instruction_clusters(model, [str(q) for q in train_set.rows["question"] if q is not None], settings.seed)
     collator = Collator(processor, "train", max_length=data_settings.max_length,
-                        truncation=data_settings.truncation, skip_log=skips)
+                        truncation=data_settings.truncation, skip_log=skips,
+                        instruction_clusters=getattr(model, "lime_clusters", None))
     trainer = training.LiMETrainer(
         model=model, args=args, train_dataset=train_set, data_collator=collator,
         peft_lr=settings.peft_lr, moe_lr=settings.moe_lr, balance=dataclasses.asdict(trainer_settings.balance),

@@ -94,7 +94,7 @@ def test_peft_config_composes(name: str) -> None:
     assert cfg.peft.peft_lr == (2e-4 if cfg.peft.variant in ("dora", "prompt") else 4e-4)
     assert cfg.peft.moe_lr == 1e-3
     config = peft_config(name)
-    assert config.targets == tuple(cfg.model.targets)
+    assert config.targets == tuple(cfg.model.lm_targets if config.language_model_only else cfg.model.targets)
     if name in ROUTED:  # the peft file selects routing=moe: learned router, top-2
         assert (config.routing.router, config.routing.selection, config.routing.top_k) == ("learned", "topk", 2)
         assert (config.num_experts, config.rank) == (4, 2)

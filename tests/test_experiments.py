@@ -24,7 +24,7 @@ CONFIGS = ROOT / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 JOBS = {
-    "table2": 15 * 3, "efficiency": 10, "ablation_channels": 4 * 3, "ablation_router": 2 * 3,
+    "table2": 16 * 3, "efficiency": 10, "ablation_channels": 4 * 3, "ablation_router": 2 * 3,
     "ablation_gamma": 11 * 3, "ablation_ngram": 5 * 3, "ablation_topk": 7 * 3, "ablation_experts": 2 * 10 * 3,
     "ablation_balance": 5 * 3, "ablation_temperature": 5 * 3, "ablation_init": 5 * 3, "ablation_targets": 3 * 3,
     "ablation_shared": 2 * 3, "ablation_layers": 6 * 3,

@@ -63,9 +63,11 @@ def test_identity_at_init(method: str, variant: str, tiny_llava, image_batch) ->
     base = tiny_llava[0]
     with torch.no_grad():
         reference = base(**inputs_of(image_batch)).logits
-        model = lime.apply_lime(copy.deepcopy(base), config_of(method, variant))
+        config = config_of(method, variant)
+        model = lime.apply_lime(copy.deepcopy(base), config)
         layers = [m for _, m in lime_modules(model)]
-        assert len(layers) == 16  # q, k, v, o and SigLIP's q, k, v, out_proj, 2 blocks each
+        # q, k, v, o and SigLIP's q, k, v, out_proj, 2 blocks each (MoCLE's preset: the language model only)
+        assert len(layers) == (8 if config.language_model_only else 16)
         layer = registry.METHODS[method].layer
         assert all(type(m) is layer for m in layers) or not isinstance(layer, type)  # the registered layer
         torch.testing.assert_close(model(**inputs_of(image_batch)).logits, reference, rtol=0, atol=1e-6)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import BatchFeature, ProcessorMixin
@@ -39,13 +40,14 @@ class Collator:
     mode="generate" -> a `GenerationBatch`. Skipped samples are kept in `skip_log`."""
 
     def __init__(self, processor: ProcessorMixin, mode: str = "train", max_length: int | None = None,
-                 truncation: str = "error", skip_log: SkipLog | None = None):
+                 truncation: str = "error", skip_log: SkipLog | None = None, instruction_clusters: Any = None):
         if mode not in ("train", "generate"):
             raise ValueError(f"mode must be 'train' or 'generate', got {mode!r}")
         if truncation not in ("error", "skip"):
             raise ValueError(f"truncation must be 'error' or 'skip', got {truncation!r}")
         self.processor, self.mode, self.max_length, self.truncation = processor, mode, max_length, truncation
         self.skip_log = skip_log if skip_log is not None else SkipLog()
+        self.instruction_clusters = instruction_clusters  # MoCLE (lime.mocle): adds each sample's cluster id
         self.end_of_turn = end_of_turn(processor)
         self._end_of_turn_ids = self._token_ids(self.end_of_turn)
 
@@ -59,6 +61,8 @@ class Collator:
             batch, _ = self._process(samples)
         for skip in skipped:
             self.skip_log.add(skip)
+        if self.instruction_clusters is not None and batch is not None:
+            batch["instruction_cluster"] = self.instruction_clusters.predict([s.question for s in samples])
         if self.mode == "generate":
             return GenerationBatch(batch, [s.id for s in samples], [s.answer for s in samples],
                                    [s.question for s in samples], skipped)
