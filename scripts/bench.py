@@ -115,6 +115,9 @@ METHODS: dict[str, Spec | None] = {
 EXTRA = ("_reference", "_compiled")
 DEFAULT_METHODS = ["base", "lora", "dora", "peft_lora", "peft_dora", "lime_lora", "lime_lora_topk", "lime_lora_ngram2",
                    "lime_dora", "moe_lora", "moe_dora", "hydralora", "mixlora"]
+# --quick: the methods of the headline ratios only
+QUICK_METHODS = ["base", "lora", "dora", "peft_lora", "peft_dora", "lime_lora", "lime_lora_ngram2", "lime_dora",
+                 "moe_lora", "moe_dora"]
 # The paper's backbones' attention projections, (d_in, d_out) (configs/model/llava_ov_{0.5b,7b}.yaml's language
 # models: hidden 896 / 3584, 2 / 4 KV heads of 64 / 128 channels); --quick uses small stand-ins.
 LAYER_SHAPES = {
@@ -180,8 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     p.add_argument("--rank", type=int, default=2)
     p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, from {', '.join(METHODS)} (default: all but *_reference, *_compiled)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: all but *_reference, *_compiled, "
+                        "with --quick those of the headline ratios)")
     p.add_argument("--with-reference", action="store_true", help="add the *_reference methods (LiME's plain path)")
     p.add_argument("--with-compiled", action="store_true", help="add the *_compiled methods")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps per method (+1 memory step)")
@@ -212,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.vocab, args.seq, args.batch, args.warmup, args.repeats, args.layer_repeats = 128, 32, 2, 0, 2, 2
         args.prompt, args.new_tokens, args.layer_repeats_7b = 8, 4, 2
         args.threads = args.threads or 1  # tiny ops: a second thread only adds contention
+    args.methods = args.methods or ",".join(QUICK_METHODS if args.quick else DEFAULT_METHODS)
     args.layer_tokens = args.layer_tokens or args.batch * args.seq
     args.layer_tokens_7b = args.layer_tokens_7b or max(args.batch, args.batch * args.seq // 4)
     unknown = set(args.layer_models.split(",")) - set(LAYER_SHAPES)
