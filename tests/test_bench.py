@@ -1,6 +1,7 @@
 """scripts/bench.py and scripts/gpu_check.sh run end to end and report what the performance targets read."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,24 @@ def test_bench_quick_runs_and_reports_json():
     assert methods["peft_lora"]["trainable_params"] == methods["lora"]["trainable_params"]
     assert methods["peft_dora"]["trainable_params"] == methods["dora"]["trainable_params"]
     assert not any("error" in method for method in methods.values())
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_step(tmp_path):
+    """`scripts/gpu_check.sh --dry-run` runs every step of the GPU check on the CPU at tiny sizes and writes one
+    JSON file: the benchmark's ratios, a finite training step and generation of the 0.5B architecture (tiny
+    towers) with LiME, fused AdamW equal to the default, and the bitsandbytes steps skipped with their reason."""
+    output = tmp_path / "gpu_check.json"
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--output", str(output)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["ok"] and report["dry_run"]
+    assert isinstance(report["bench"]["layer_time_ratio_lime_lora_vs_lora"], float)
+    model = report["model"]
+    assert model["finite"] and model["params_with_grad"] > 0 and model["generated_tokens"] == 4
+    assert 0 < model["trainable_params"] < model["params"]
+    assert report["fused_adamw"]["max_abs_difference"] <= 1e-5
+    for mode in ("bnb_8bit", "bnb_4bit"):
+        assert "CUDA" in report[mode]["skipped"], mode
