@@ -22,7 +22,7 @@ from lime.registry import METHODS, VARIANTS, Variant, register_method
 
 
 def plain_layer(base: nn.Linear, config: LiMEConfig, context: TextContext | None = None) -> PEFTLinear:
-    return PEFTLinear(base, build_adapter(base, config))
+    return PEFTLinear(base, build_adapter(base, config), context)
 
 
 def plain_params(d_in: int, d_out: int, config: LiMEConfig, variant: Variant) -> int:

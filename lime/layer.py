@@ -8,12 +8,16 @@ vectors, w̃ the routed weights of each token (lime.routing), p_s the shared vec
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lime import fused
 from lime.adapters import Adapter, build_adapter
+from lime.adapters.base import LowRankAdapter
 from lime.balance import RoutingStats, routing_stats
 from lime.config import LiMEConfig
 from lime.context import CacheState, TextContext, VisionContext
@@ -54,10 +58,18 @@ def add_expert_vectors(module: nn.Module, width: int, config: LiMEConfig, dtype:
 class PEFTLinear(nn.Module):
     """A frozen Linear plus its PEFT module: h = z + ẑ (the plain baselines)."""
 
-    def __init__(self, base: nn.Linear, adapter: Adapter) -> None:
+    def __init__(self, base: nn.Linear, adapter: Adapter,
+                 text_context: TextContext | VisionContext | None = None) -> None:
         super().__init__()
         self.base = base
         self.adapter = adapter
+        # A plain attribute, not a submodule (shared by the layers of one tower); its state, during cached
+        # decoding, keeps what does not change inside one decoding run (`kept_while_decoding`).
+        self.text_context = text_context
+        # DoRA's μ costs a pass over W: kept with the KV cache while decoding (the reference forward is
+        # `base_output(x, base, μ)` and `μ ⊙ delta(x)` with the same μ, so the kept path is the same ops).
+        self.rescaled = is_low_rank(adapter) and hasattr(adapter, "delta") and \
+            type(adapter).rescale is not LowRankAdapter.rescale
 
     @property
     def in_features(self) -> int:
@@ -72,8 +84,23 @@ class PEFTLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.rescaled and self.decoding_state() is not None:
+            mu = self.kept_while_decoding(x.dtype, lambda: self.adapter.rescale(self.base).to(x.dtype))
+            return self.adapter.base_output(x, self.base, mu) + mu * self.adapter.delta(x)
         z, delta = self.adapter(x, self.base)
         return z + delta
+
+    def decoding_state(self) -> CacheState | None:
+        """The state kept with the KV cache during cached decoding without autograd; None otherwise."""
+        state = getattr(self.text_context, "state", None)
+        return None if state is None or torch.is_grad_enabled() else state
+
+    def kept_while_decoding(self, dtype: torch.dtype, build: Callable[[], Any]) -> Any:
+        """`build()` (token-independent tensors of this layer), built once per cached decoding run and kept with
+        the KV cache: parameters cannot change inside one decoding run, and every other call (training, a new
+        run, no cache) builds afresh, so no parameter update, whatever the optimizer, leaves them stale."""
+        state = self.decoding_state()
+        return build() if state is None else state.layer_factors(self, dtype, build)
 
 
 class LiMELinear(PEFTLinear):
@@ -96,8 +123,8 @@ class LiMELinear(PEFTLinear):
         self.router = Router(base.in_features, d_out, config.num_experts, config.routing).to(device)
         if self.router.proj is not None:
             self.router.proj.to(dtype)
-        # A plain attribute, not a submodule: shared by every layer of the language model (TextContext) or of
-        # the vision tower (VisionContext); None: every token is real and each row is one sequence.
+        # Shared by every layer of the language model (TextContext) or of the vision tower (VisionContext);
+        # None: every token is real and each row is one sequence.
         self.text_context = text_context
         self.track_routing = False  # record routing statistics outside training too
         self.routing_stats: RoutingStats | None = None

@@ -207,7 +207,9 @@ class MoELinear(RoutedLinear):
             one_lora = F.linear(F.linear(dropped, self.lora_A[0].to(x.dtype)), self.lora_B[0].to(x.dtype))
             h = frozen + gates[..., self.channel_expert] * (one_lora * self.scale)
         elif self.magnitude is not None:  # Σ_e w̃_e μ_e ⊙ (W x + s B_e A_e x) + b
-            mu = self.rescale()  # (E, d_out), in the adapter dtype; folded into the heads: μ_e ⊙ B_e
+            # (E, d_out), in the adapter dtype; folded into the heads: μ_e ⊙ B_e. A pass over W per expert:
+            # kept with the KV cache while decoding, as DoRA's and LiME-DoRA's μ.
+            mu = self.kept_while_decoding(wx.dtype, self.rescale)
             h = (gates @ mu.to(wx.dtype)) * wx + self.routed_delta(dropped, gates, mu.unsqueeze(-1) * self.lora_B)
             if bias is not None:
                 h = h + bias

@@ -26,16 +26,21 @@ wrapped for every method, so every method runs exactly the same frozen model on 
   deterministic, and free of what the process's resident-set peak mixes in (the Python heap, allocator
   caching, a peak that only ever grows across methods run in one process).
 * Trainable parameters.
-* **One wrapped layer** (`--no-layer` skips it): a single hidden x hidden projection (a q_proj) per method, on
-  the same number of tokens: forward + backward (+ balance terms), a decode call on one token per sequence,
-  and the bytes the autograd graph holds for the backward. The whole model's step dilutes what an adapter
-  costs with the frozen MLP, attention and LM head, identical for every method; this isolates it.
+* **One wrapped layer at the paper's shapes** (`--no-layer` skips it): the four attention projections of one
+  decoder layer of LLaVA-OV-0.5B (q/o 896→896, k/v 896→128) and of LLaVA-OV-7B (q/o 3584→3584, k/v 3584→512;
+  keys with suffix `_7b`), each wrapped by the method: forward + backward (+ balance terms) on batch x seq
+  tokens (at the 7B shapes a quarter of them and `--layer-repeats-7b` rounds, to keep the CPU run short),
+  summed over the four; a decoding call of the four on one new token per sequence through the state kept with
+  the KV cache; and the bytes the autograd graph holds for the backward. The whole model's step dilutes what an
+  adapter costs with the frozen MLP, attention and LM head, identical for every method; this isolates it.
 
 Methods: `base` (the floor), `lora`, `dora`, `lime_lora` (auto selection), `lime_lora_topk` (k = 2),
 `lime_lora_ngram2`, `lime_dora`, and the MoE-PEFT baselines `moe_lora`, `moe_dora`, `hydralora`, `mixlora`;
-`--methods` takes any configs/peft preset by name. Every method is its configs/peft preset composed as
-train.py composes it (the MoE baselines with configs/routing/moe.yaml: learned router, top-2, τ = 1, no jitter),
-with the benchmark's --targets, --rank and --experts: what is benchmarked is what trains. On request:
+`--methods` takes any configs/peft preset by name; `peft_lora` and `peft_dora` are HF peft's own LoRA and
+DoRA with the same r, alpha and dropout (outside anchors: the cost users of LoRA already pay). Every method is
+its configs/peft preset composed as train.py composes it (the MoE baselines with configs/routing/moe.yaml:
+learned router, top-2, τ = 1, no jitter), with the benchmark's --targets, --rank and --experts: what is
+benchmarked is what trains. On request:
 `--with-reference` adds LiME's plain path (`*_reference`: `LiMELinear.reference_forward`, ẑ and P built at full
 width) and `--with-compiled` LiME with every LiMELinear under `torch.compile` (`*_compiled`; `--compile`
 compiles every LiME method). On the CPU compiling did not help (training within noise of eager, decoding slower
@@ -69,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -88,6 +93,7 @@ class Spec:
     overrides: tuple[str, ...] = ()
     fused: bool = True  # False: LiME's plain path (`LiMELinear.reference_forward`)
     compile: bool = False  # every LiMELinear under torch.compile
+    hf_peft: bool = False  # HF peft's own LoRA (DoRA for preset "dora") with the preset's r, alpha and dropout
 
 
 # name -> Spec (None: the frozen base, no adapter). Every configs/peft preset is a method under its own name.
@@ -102,10 +108,26 @@ METHODS: dict[str, Spec | None] = {
     # LiME with every LiMELinear under torch.compile (as --compile does for all LiME methods).
     "lime_lora_compiled": Spec("lime_lora", compile=True),
     "lime_dora_compiled": Spec("lime_dora", compile=True),
+    # Outside anchors: HF peft's own LoRA and DoRA on the same targets with the same r, alpha and dropout.
+    "peft_lora": Spec("lora", hf_peft=True),
+    "peft_dora": Spec("dora", hf_peft=True),
 }
 EXTRA = ("_reference", "_compiled")
-DEFAULT_METHODS = ["base", "lora", "dora", "lime_lora", "lime_lora_topk", "lime_lora_ngram2", "lime_dora", "moe_lora",
-                   "moe_dora", "hydralora", "mixlora"]
+DEFAULT_METHODS = ["base", "lora", "dora", "peft_lora", "peft_dora", "lime_lora", "lime_lora_topk", "lime_lora_ngram2",
+                   "lime_dora", "moe_lora", "moe_dora", "hydralora", "mixlora"]
+# --quick: the methods of the headline ratios only
+QUICK_METHODS = ["base", "lora", "dora", "peft_lora", "peft_dora", "lime_lora", "lime_lora_ngram2", "lime_dora",
+                 "moe_lora", "moe_dora"]
+# The paper's backbones' attention projections, (d_in, d_out) (configs/model/llava_ov_{0.5b,7b}.yaml's language
+# models: hidden 896 / 3584, 2 / 4 KV heads of 64 / 128 channels); --quick uses small stand-ins.
+LAYER_SHAPES = {
+    "0.5b": {"q_proj": (896, 896), "k_proj": (896, 128), "v_proj": (896, 128), "o_proj": (896, 896)},
+    "7b": {"q_proj": (3584, 3584), "k_proj": (3584, 512), "v_proj": (3584, 512), "o_proj": (3584, 3584)},
+}
+QUICK_LAYER_SHAPES = {
+    "0.5b": {"q_proj": (64, 64), "k_proj": (64, 16), "v_proj": (64, 16), "o_proj": (64, 64)},
+    "7b": {"q_proj": (128, 128), "k_proj": (128, 32), "v_proj": (128, 32), "o_proj": (128, 128)},
+}
 # (ratio key, metric, numerator method, denominator method)
 RATIOS = [
     ("step_time_ratio_lime_lora_vs_lora", "step_time_s", "lime_lora", "lora"),
@@ -118,15 +140,28 @@ RATIOS = [
     ("peak_memory_ratio_lime_lora_vs_moe_lora", "peak_memory_mb", "lime_lora", "moe_lora"),
     ("decode_tokens_per_s_ratio_lime_lora_vs_lora", "decode_tokens_per_s", "lime_lora", "lora"),
     ("decode_tokens_per_s_ratio_lime_lora_vs_moe_lora", "decode_tokens_per_s", "lime_lora", "moe_lora"),
-    ("layer_step_time_ratio_lime_lora_vs_lora", "layer_step_time_s", "lime_lora", "lora"),
-    ("layer_step_time_ratio_lime_lora_vs_moe_lora", "layer_step_time_s", "lime_lora", "moe_lora"),
-    ("layer_step_time_ratio_lime_dora_vs_moe_dora", "layer_step_time_s", "lime_dora", "moe_dora"),
-    ("layer_step_time_ratio_lime_dora_vs_dora", "layer_step_time_s", "lime_dora", "dora"),
+    ("decode_tokens_per_s_ratio_lime_lora_ngram2_vs_lora", "decode_tokens_per_s", "lime_lora_ngram2", "lora"),
+    ("decode_tokens_per_s_ratio_dora_vs_lora", "decode_tokens_per_s", "dora", "lora"),
+    ("decode_tokens_per_s_ratio_lime_dora_vs_lora", "decode_tokens_per_s", "lime_dora", "lora"),
+    # the outside anchors
+    ("step_time_ratio_lime_lora_vs_peft_lora", "step_time_s", "lime_lora", "peft_lora"),
+    ("step_time_ratio_lora_vs_peft_lora", "step_time_s", "lora", "peft_lora"),
+    ("step_time_ratio_dora_vs_peft_dora", "step_time_s", "dora", "peft_dora"),
+    ("decode_tokens_per_s_ratio_lime_lora_vs_peft_lora", "decode_tokens_per_s", "lime_lora", "peft_lora"),
+    ("decode_tokens_per_s_ratio_lora_vs_peft_lora", "decode_tokens_per_s", "lora", "peft_lora"),
+    ("decode_tokens_per_s_ratio_dora_vs_peft_dora", "decode_tokens_per_s", "dora", "peft_dora"),
+    # one layer (q, k, v, o summed) at the paper's shapes
+    *[(f"layer_time_ratio_{num}_vs_{den}{suffix}", f"layer_step_time_s{suffix}", num, den)
+      for suffix in ("", "_7b")
+      for num, den in (("lime_lora", "moe_lora"), ("lime_lora", "lora"), ("lime_dora", "moe_dora"),
+                       ("lime_dora", "dora"), ("lora", "peft_lora"), ("dora", "peft_dora"))],
     ("layer_decode_call_time_ratio_lime_lora_vs_lora", "layer_decode_call_s", "lime_lora", "lora"),
+    ("layer_decode_call_time_ratio_lime_lora_ngram2_vs_lora", "layer_decode_call_s", "lime_lora_ngram2", "lora"),
+    ("layer_decode_call_time_ratio_lime_dora_vs_lora", "layer_decode_call_s", "lime_dora", "lora"),
 ]
 WORKLOAD_KEYS = ("device", "dtype", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "seq", "batch",
-                 "targets", "rank", "experts", "warmup", "repeats", "layer_repeats", "prompt", "new_tokens",
-                 "compile", "clock", "threads", "quick")
+                 "targets", "rank", "experts", "warmup", "repeats", "layer_repeats", "layer_models", "layer_tokens",
+                 "layer_tokens_7b", "layer_repeats_7b", "prompt", "new_tokens", "compile", "clock", "threads", "quick")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 BALANCE = {"importance_weight": 0.1, "kl_weight": 0.01, "scale": 0.01}  # SPEC 3 paper values
 
@@ -148,8 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     p.add_argument("--rank", type=int, default=2)
     p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, from {', '.join(METHODS)} (default: all but *_reference, *_compiled)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: all but *_reference, *_compiled, "
+                        "with --quick those of the headline ratios)")
     p.add_argument("--with-reference", action="store_true", help="add the *_reference methods (LiME's plain path)")
     p.add_argument("--with-compiled", action="store_true", help="add the *_compiled methods")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps per method (+1 memory step)")
@@ -162,6 +198,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing (and the memory step)")
     p.add_argument("--no-layer", action="store_true", help="skip the single-layer measurements")
     p.add_argument("--layer-repeats", type=int, default=15, help="interleaved rounds of the single-layer timing")
+    p.add_argument("--layer-models", default="0.5b,7b",
+                   help=f"projection shapes of these models ({', '.join(LAYER_SHAPES)})")
+    p.add_argument("--layer-tokens", type=int, default=None, help="tokens of the layer step (default: batch x seq)")
+    p.add_argument("--layer-tokens-7b", type=int, default=None,
+                   help="tokens of the layer step at the 7B shapes (default: batch x seq / 4, for the CPU's sake)")
+    p.add_argument("--layer-repeats-7b", type=int, default=5, help="interleaved rounds at the 7B shapes")
     p.add_argument("--compile", action="store_true", help="torch.compile the LiME layers' forward")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--clock", default="wall", choices=list(CLOCKS),
@@ -172,8 +214,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 64, 2, 4, 2, 128
         args.vocab, args.seq, args.batch, args.warmup, args.repeats, args.layer_repeats = 128, 32, 2, 0, 2, 2
-        args.prompt, args.new_tokens = 8, 4
+        args.prompt, args.new_tokens, args.layer_repeats_7b = 8, 4, 2
         args.threads = args.threads or 1  # tiny ops: a second thread only adds contention
+    args.methods = args.methods or ",".join(QUICK_METHODS if args.quick else DEFAULT_METHODS)
+    args.layer_tokens = args.layer_tokens or args.batch * args.seq
+    args.layer_tokens_7b = args.layer_tokens_7b or max(args.batch, args.batch * args.seq // 4)
+    unknown = set(args.layer_models.split(",")) - set(LAYER_SHAPES)
+    if unknown:
+        p.error(f"--layer-models: unknown {', '.join(sorted(unknown))}; known: {', '.join(LAYER_SHAPES)}")
     return args
 
 
@@ -199,6 +247,19 @@ def lime_config(args: argparse.Namespace, spec: Spec) -> LiMEConfig:
     return presets.lime_config(cfg)
 
 
+def apply_hf_peft(model: nn.Module, args: argparse.Namespace, spec: Spec) -> None:
+    """HF peft's own LoRA (DoRA for the "dora" preset) on the benchmark's targets, with the preset's r, alpha and
+    dropout, every other tensor frozen: the cost users of LoRA already pay."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    ours = lime_config(args, spec)
+    config = LoraConfig(r=ours.rank, lora_alpha=ours.alpha, lora_dropout=ours.dropout, bias="none",
+                        target_modules=list(ours.targets), use_dora=ours.variant == "dora")
+    inject_adapter_in_model(config, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -219,6 +280,8 @@ class Runner:
             for name, module in self.model.named_modules():
                 if isinstance(module, nn.Linear) and any(matches_target(name, t) for t in targets):
                     module.register_forward_hook(_floor_hook)
+        elif self.spec.hf_peft:
+            apply_hf_peft(self.model, args, self.spec)
         else:
             config = lime_config(args, self.spec)
             lime.apply_lime(self.model, config)
@@ -227,7 +290,7 @@ class Runner:
                     module.fused = self.spec.fused
             if args.compile or self.spec.compile:
                 compile_lime_layers(self.model)
-        self.routed = self.spec is not None and registry.METHODS[config.method].routed
+        self.routed = is_routed(self.spec, args)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4) if self.trainable else None
         g = torch.Generator().manual_seed(args.seed + 1)
@@ -319,6 +382,11 @@ class Runner:
         return resident + peak
 
 
+def is_routed(spec: Spec | None, args: argparse.Namespace) -> bool:
+    """Whether the method has routers (and so balance terms)."""
+    return spec is not None and not spec.hf_peft and registry.METHODS[lime_config(args, spec).method].routed
+
+
 def _floor_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     """The frozen base's backward: make the outputs of the lowest target layers (those whose input needs no
     gradient) leaves that need one, so that backward runs down to exactly where an adapter on every target
@@ -384,53 +452,70 @@ def measure(args: argparse.Namespace, names: list[str], log: Callable[[str], Non
     return results
 
 
-class LayerRunner:
-    """One method on a single wrapped hidden x hidden projection (a q_proj), with the model's tokens.
+def projections(shapes: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype) -> dict[str, nn.Linear]:
+    """One decoder layer's frozen attention projections (bias on q, k, v as in Qwen2), shared by every method."""
+    return {name: nn.Linear(d_in, d_out, bias=name != "o_proj").to(device, dtype).requires_grad_(False)
+            for name, (d_in, d_out) in shapes.items()}
 
-    Isolates what an adapter costs on top of its frozen Linear, which the whole model's step dilutes: forward +
-    backward (+ balance terms for routed layers) on (batch, seq, hidden) inputs, a decode call on
-    (batch, 1, hidden), and the bytes autograd saves for the backward (`saved_tensors_hooks`, unique storages).
+
+class LayerRunner:
+    """One method on one decoder layer's four attention projections (q, k, v, o) at a model's shapes.
+
+    Isolates what an adapter costs on top of its frozen Linears, which the whole model's step dilutes: forward +
+    backward (+ balance terms for routed layers) of the four projections on `tokens` tokens each (their times
+    summed), a decoding call of the four on one new token per sequence through the state kept with the KV cache
+    (after an untimed prefill of --prompt tokens; each call is the next position), and the bytes autograd saves
+    for the backward (`saved_tensors_hooks`, unique storages).
     """
 
-    def __init__(self, name: str, args: argparse.Namespace) -> None:
+    def __init__(self, name: str, args: argparse.Namespace, bases: dict[str, nn.Linear], tokens: int) -> None:
         from lime.context import TextContext
 
         self.spec, self.clock, self.device = METHODS[name], CLOCKS[args.clock], torch.device(args.device)
         dtype = getattr(torch, args.dtype)
-        torch.manual_seed(args.seed)
-        base = nn.Linear(args.hidden, args.hidden).to(self.device, dtype).requires_grad_(False)
-        if self.spec is None:
-            self.layer: nn.Module = base
-        else:
+        self.decode_calls = 100 if not args.quick else 5
+        self.context = TextContext(mask=None)
+        self.layers = nn.ModuleDict(bases)  # the frozen Linears themselves (no copy: nothing changes them)
+        if self.spec is not None and self.spec.hf_peft:
+            apply_hf_peft(self.layers, args, self.spec)
+        elif self.spec is not None:
             config = lime_config(args, self.spec)
-            self.train_mask = torch.ones(args.batch, args.seq, dtype=torch.bool, device=self.device)
-            self.decode_mask = torch.ones(args.batch, args.prompt + 1, dtype=torch.bool, device=self.device)
-            self.context = context = TextContext(mask=self.train_mask)
-            self.layer = registry.METHODS[config.method].layer(base, config, context)
-            if isinstance(self.layer, lime.LiMELinear):
-                self.layer.fused = self.spec.fused
-                if args.compile or self.spec.compile:
-                    self.layer.compile()
-            with torch.no_grad():  # trained-looking adapters (B = 0 at init would make some work trivially 0)
-                for p in self.layer.parameters():
-                    if p.requires_grad:
-                        p.add_(torch.randn_like(p) * 0.01)
-        self.layer.train()
+            build = registry.METHODS[config.method].layer
+            self.layers = nn.ModuleDict({n: build(base, config, self.context) for n, base in bases.items()})
+            for layer in self.layers.values():
+                if isinstance(layer, lime.LiMELinear):
+                    layer.fused = self.spec.fused
+                    if args.compile or self.spec.compile:
+                        layer.compile()
+        torch.manual_seed(args.seed)
+        with torch.no_grad():  # trained-looking adapters (B = 0 at init would make some work trivially 0)
+            for p in self.layers.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.01)
+        self.layers.train()
+        self.routed = is_routed(self.spec, args)
         g = torch.Generator().manual_seed(args.seed + 2)
-        self.x = torch.randn(args.batch, args.seq, args.hidden, generator=g).to(self.device, dtype)
-        self.grad = torch.randn(args.batch, args.seq, args.hidden, generator=g).to(self.device, dtype)
-        self.token = self.x[:, :1].clone()
-        self.routed = self.spec is not None and registry.METHODS[config.method].routed
-        self.decode_calls = 100
+        seq = max(1, tokens // args.batch)
+
+        def inputs(length: int, of: str) -> dict[str, Tensor]:
+            size = (lambda layer_name: bases[layer_name].in_features if of == "in" else bases[layer_name].out_features)
+            return {n: torch.randn(args.batch, length, size(n), generator=g).to(self.device, dtype) for n in bases}
+
+        self.x, self.grad = inputs(seq, "in"), inputs(seq, "out")
+        self.prompt = inputs(args.prompt, "in")
+        self.token = {n: x[:, :1].clone() for n, x in self.prompt.items()}
+        total = args.prompt + self.decode_calls + 1
+        full = torch.ones(args.batch, total, dtype=torch.bool, device=self.device)
+        self.decode_masks = [full[:, : args.prompt + 1 + i] for i in range(self.decode_calls + 1)]
 
     def step(self) -> None:
-        x = self.x.detach().requires_grad_()
-        h = self.layer(x)
-        loss = (h * self.grad).sum()
+        loss = 0.0
+        for name, layer in self.layers.items():
+            loss = loss + (layer(self.x[name].detach().requires_grad_()) * self.grad[name]).sum()
         if self.routed:
-            loss = loss + lime.balance_loss(self.layer, **BALANCE)
+            loss = loss + lime.balance_loss(self.layers, **BALANCE)
         loss.backward()
-        for p in self.layer.parameters():
+        for p in self.layers.parameters():
             p.grad = None
 
     def timed_step(self) -> float:
@@ -442,34 +527,43 @@ class LayerRunner:
 
     @torch.no_grad()
     def timed_decode(self) -> float:
-        """Seconds per call on one new token per sequence (eval mode, no KV cache: the layer alone)."""
-        self.layer.eval()
-        if self.spec is not None:  # the new token after a prompt of --prompt tokens, inside one decoding run
-            self.context.mask, self.context.state = self.decode_mask, lime.context.CacheState()
+        """Seconds per decoding call of the four projections (eval mode), one new token per sequence, each call
+        the next position of one decoding run (LiME: n-gram windows and factors kept with the cache state)."""
+        self.layers.eval()
+        context = self.context
+        context.state = lime.context.CacheState()
         try:
-            self.layer(self.token)
+            context.mask = self.decode_masks[0][:, :-1]
+            for name, layer in self.layers.items():  # the prefill
+                layer(self.prompt[name])
+            context.mask = self.decode_masks[0]
+            for name, layer in self.layers.items():  # one untimed call: factors built, caches warm
+                layer(self.token[name])
             synchronize(self.device)
             start = self.clock()
-            for _ in range(self.decode_calls):
-                self.layer(self.token)
+            for mask in self.decode_masks[1:]:
+                context.mask = mask
+                for name, layer in self.layers.items():
+                    layer(self.token[name])
             synchronize(self.device)
             return (self.clock() - start) / self.decode_calls
         finally:
-            self.layer.train()
-            if self.spec is not None:
-                self.context.mask, self.context.state = self.train_mask, None
+            self.layers.train()
+            context.mask = context.state = None
 
     def saved_bytes(self) -> int:
         """Bytes of the distinct storages the autograd graph of one training forward holds for the backward.
 
-        Counted while the output is alive; storages saved by graph nodes that died with a detached result
-        (DoRA's detached row norm) are freed at once and not counted. The layer's input and its own tensors
-        (weights, adapter) exist anyway and are not counted either.
+        Counted while the outputs are alive; storages saved by graph nodes that died with a detached result
+        (DoRA's detached row norm) are freed at once and not counted. The inputs and the layers' own tensors
+        (weights, adapters) exist anyway and are not counted either.
         """
         from torch.multiprocessing.reductions import StorageWeakRef
 
         saved: dict[int, tuple[StorageWeakRef, int]] = {}
-        resident = {t.untyped_storage().data_ptr() for t in [self.x, *self.layer.parameters(), *self.layer.buffers()]}
+        inputs = {n: x.detach().requires_grad_() for n, x in self.x.items()}
+        resident = {t.untyped_storage().data_ptr()
+                    for t in [*inputs.values(), *self.layers.parameters(), *self.layers.buffers()]}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             storage = t.untyped_storage()
@@ -477,38 +571,47 @@ class LayerRunner:
                 saved[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
             return t.detach()  # not `t`: a saved output would then hold its own node (a reference cycle)
 
-        x = self.x.detach().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            h = self.layer(x)
+            outputs = [layer(inputs[n]) for n, layer in self.layers.items()]
         total = sum(size for ref, size in saved.values() if not ref.expired())
-        del h
+        del outputs
         return total
 
 
 def measure_layers(args: argparse.Namespace, names: list[str], log: Callable[[str], None]) -> dict[str, dict]:
-    """Layer-level numbers for every method (see LayerRunner); `--layer-repeats` interleaved rounds."""
-    runners: dict[str, LayerRunner] = {}
-    for name in names:
-        try:
-            runner = LayerRunner(name, args)
-            runner.step()
-            runners[name] = runner
-        except Exception as error:
-            log(f"{name} (layer): failed: {type(error).__name__}: {error}")
-    order = list(runners)
-    steps: dict[str, list[float]] = {n: [] for n in order}
-    decodes: dict[str, list[float]] = {n: [] for n in order}
-    for round_ in range(args.layer_repeats):
-        for name in order[round_ % len(order):] + order[: round_ % len(order)]:
-            steps[name].append(runners[name].timed_step())
-            if not args.no_decode:
-                decodes[name].append(runners[name].timed_decode())
-    out: dict[str, dict] = {}
-    for name in order:
-        out[name] = {"layer_step_time_s": statistics.median(steps[name]),
-                     "layer_saved_mb": runners[name].saved_bytes() / 2**20}
-        if decodes[name]:
-            out[name]["layer_decode_call_s"] = statistics.median(decodes[name])
+    """Layer-level numbers for every method at each of --layer-models' shapes (see LayerRunner), in interleaved
+    rounds; keys carry the suffix `_7b` at the 7B shapes."""
+    out: dict[str, dict] = {n: {} for n in names}
+    all_shapes = QUICK_LAYER_SHAPES if args.quick else LAYER_SHAPES
+    dtype = getattr(torch, args.dtype)
+    for model in args.layer_models.split(","):
+        suffix = "" if model == "0.5b" else f"_{model}"
+        tokens, repeats = (args.layer_tokens, args.layer_repeats) if model == "0.5b" else (
+            args.layer_tokens_7b, args.layer_repeats_7b)
+        torch.manual_seed(args.seed)
+        bases = projections(all_shapes[model], torch.device(args.device), dtype)
+        runners: dict[str, LayerRunner] = {}
+        for name in names:
+            try:
+                runner = LayerRunner(name, args, bases, tokens)
+                runner.step()
+                runners[name] = runner
+            except Exception as error:
+                log(f"{name} (layer, {model}): failed: {type(error).__name__}: {error}")
+        order = list(runners)
+        steps: dict[str, list[float]] = {n: [] for n in order}
+        decodes: dict[str, list[float]] = {n: [] for n in order}
+        for round_ in range(repeats):
+            for name in order[round_ % len(order):] + order[: round_ % len(order)]:
+                steps[name].append(runners[name].timed_step())
+                if not args.no_decode:
+                    decodes[name].append(runners[name].timed_decode())
+        for name in order:
+            out[name][f"layer_step_time_s{suffix}"] = statistics.median(steps[name])
+            out[name][f"layer_saved_mb{suffix}"] = runners[name].saved_bytes() / 2**20
+            if decodes[name]:
+                out[name][f"layer_decode_call_s{suffix}"] = statistics.median(decodes[name])
+        log(f"layers at the {model} shapes: done")
     return out
 
 
@@ -539,9 +642,11 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
 # (result key, column title, unit factor, whether to add a "x LoRA" column)
 MODEL_COLUMNS = [("step_time_s", "step (ms)", 1e3, True), ("decode_tokens_per_s", "decode (tok/s)", 1.0, True),
                  ("peak_memory_mb", "peak memory (MiB)", 1.0, True)]
-LAYER_COLUMNS = [("layer_step_time_s", "layer fwd+bwd (ms)", 1e3, True),
-                 ("layer_decode_call_s", "layer decode call (us)", 1e6, True),
-                 ("layer_saved_mb", "saved for backward (MiB)", 1.0, False)]
+LAYER_COLUMNS = [("layer_step_time_s", "0.5B layer fwd+bwd (ms)", 1e3, True),
+                 ("layer_decode_call_s", "0.5B layer decode call (us)", 1e6, True),
+                 ("layer_saved_mb", "0.5B saved for backward (MiB)", 1.0, False),
+                 ("layer_step_time_s_7b", "7B layer fwd+bwd (ms)", 1e3, True),
+                 ("layer_decode_call_s_7b", "7B layer decode call (us)", 1e6, True)]
 
 
 def table(results: dict[str, dict[str, Any]], columns: list[tuple[str, str, float, bool]], params: bool = True) -> str:
@@ -559,7 +664,7 @@ def table(results: dict[str, dict[str, Any]], columns: list[tuple[str, str, floa
         cells = [name]
         for key, _, factor, ratio in columns:
             value, reference = r.get(key), lora.get(key)
-            cells.append("" if value is None else f"{value * factor:.{1 if key != 'layer_saved_mb' else 3}f}")
+            cells.append("" if value is None else f"{value * factor:.{3 if key.startswith('layer_saved') else 1}f}")
             if ratio:
                 cells.append(f"{value / reference:.3f}" if value is not None and reference else "")
         if params:

@@ -268,7 +268,7 @@ def test_padding_keeps_frozen_output_and_stats(name: str) -> None:
     torch.testing.assert_close(stats.usage, weights.mean(0))  # p̄ over the real tokens only
 
 
-@pytest.mark.parametrize(("name", "n_gram"), [("moe_lora", 1), ("mixlora", 1), ("moe_dora", 2)])
+@pytest.mark.parametrize(("name", "n_gram"), [("moe_lora", 1), ("mixlora", 1), ("moe_dora", 2), ("dora", 1)])
 def test_cached_decoding_equals_full_forward(name: str, n_gram: int, tiny_llava) -> None:
     model = wrapped(tiny_llava[0], peft_config(name, "tiny_llava_ov", f"routing.n_gram={n_gram}")).eval()
     perturb(model)
