@@ -262,7 +262,9 @@ def test_vlm_generation_with_cache_equals_full_forward(tiny_model, make_inputs):
         full = model(**full_inputs).logits
     prompt = inputs["input_ids"].shape[1]
     for step, logits in enumerate(out.logits):
-        torch.testing.assert_close(logits, full[:, prompt - 1 + step], atol=1e-5, rtol=0)
+        # fp32 sums in another order (cached attention vs one pass) move logits of size ~10 by up to ~1.4e-5; a
+        # routing-state error moves them by 1e-2 and more
+        torch.testing.assert_close(logits, full[:, prompt - 1 + step], atol=5e-5, rtol=1e-5)
 
 
 def _update_in_place(model, how):
