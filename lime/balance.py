@@ -1,4 +1,4 @@
-"""Routing statistics and the load-balancing losses of SPEC section 3.
+"""Routing statistics and the load-balancing losses of docs/method.md §3.
 
 Each routed layer keeps the statistics of its last forward (`layer.routing_stats`); `balance_loss` and
 `routing_summary` collect them across the model, so a trainer calls one function per step.

@@ -1,6 +1,6 @@
 """Configuration dataclasses for LiME and the PEFT baselines.
 
-Keys carry the names of SPEC.md. Everything that can be checked without a model is checked here, in
+Keys carry the names of docs/method.md. Everything that can be checked without a model is checked here, in
 `__post_init__`, with a message naming the key; checks that need the model (targets, num_experts <= d_out)
 live in `lime.inject.validate`. The allowed `peft.variant` and `peft.method` values, and which variants and
 router each method takes, are those registered in `lime.registry`.
@@ -47,7 +47,7 @@ def _one_of(value: Any, key: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass
 class RoutingConfig:
-    """How each token picks its experts (SPEC section 2)."""
+    """How each token picks its experts (docs/method.md §2)."""
 
     router: str = "zero_param"  # zero_param | learned (a bias-free Linear(d_in -> E), for the ablation)
     gamma_routing: float = 0.7  # γ_r: weight of the adapter signal Ẑ against the frozen signal Z
@@ -84,7 +84,7 @@ class RoutingConfig:
 
 @dataclass
 class LiMEConfig:
-    """One shared PEFT module per wrapped Linear, modulated by routed expert vectors (SPEC section 1).
+    """One shared PEFT module per wrapped Linear, modulated by routed expert vectors (docs/method.md §1).
 
     `method` picks the layer family: `lime` (the paper's method), `plain` (the PEFT module alone) or one of
     the MoE-PEFT baselines. `variant` picks the shared PEFT module.

@@ -1,7 +1,7 @@
 """Evaluation: batched greedy generation with the KV cache, scored per task, aggregated per category.
 
 Every test split is generated in batches (left-padded prompts); the predictions are scored by the strict scorer
-and, for comparison with the released code, by the lenient one (SPEC section 6). A batch whose generation fails
+and, for comparison with the released code, by the lenient one (docs/method.md §6). A batch whose generation fails
 is either an error naming its split and sample indices (`on_error: raise`) or a counted failure whose samples
 score as wrong (`on_error: count`): never silently dropped. Files: `predictions/<split>.jsonl`,
 `results.json`, `results.csv`.

@@ -18,7 +18,7 @@ tokens x d_out). The gradients are those of the same function, so they are exact
 sums differs from the plain path (`LiMELinear.reference_forward`), which tests/test_fused.py compares against
 (outputs and the gradients of every trainable tensor).
 
-The router sees what SPEC 2 says: Z = z[..., C] from the frozen output, and Ẑ = ẑ[..., C] computed for the E
+The router sees what docs/method.md §2 says: Z = z[..., C] from the frozen output, and Ẑ = ẑ[..., C] computed for the E
 channels C only (u (s μ_C ⊙ B_C)ᵀ), differentiable, so the routing gradients are exact too. Padding: zeroing
 ω (hence the rows of Q) at padding positions makes h = z + 0 = z there, exactly as the plain path's
 `where(valid, h, z)`, with the same (zero) gradients.

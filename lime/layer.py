@@ -1,4 +1,4 @@
-"""The wrapped Linear layers: plain PEFT and LiME (SPEC section 1).
+"""The wrapped Linear layers: plain PEFT and LiME (docs/method.md §1).
 
     h = z + ẑ ⊙ P + γ · (ẑ ⊙ p_s),    P = Σ_{e ∈ S} w̃_e p_e
 
@@ -43,7 +43,7 @@ def token_layout(context: TextContext | VisionContext | None, x: Tensor, batch: 
 def add_expert_vectors(module: nn.Module, width: int, config: LiMEConfig, dtype: torch.dtype,
                        device: torch.device) -> None:
     """Register `expert_vectors` p_e ~ U(1 - σ, 1 + σ) (E x width) and, with `config.shared`, `shared_vector`
-    p_s ~ N(0, std²) and its gate γ = 0 (SPEC section 1); both are None without it."""
+    p_s ~ N(0, std²) and its gate γ = 0 (docs/method.md §1); both are None without it."""
     sigma = config.expert_init_sigma
     experts = torch.empty(config.num_experts, width, dtype=dtype, device=device)
     module.expert_vectors = nn.Parameter(experts.uniform_(1.0 - sigma, 1.0 + sigma))
@@ -170,7 +170,7 @@ class LiMELinear(PEFTLinear):
         return h.reshape(*x.shape[:-1], h.shape[-1])
 
     def reference_forward(self, x: Tensor) -> Tensor:
-        """The plain path: SPEC section 1 written out, with ẑ and P built at full width."""
+        """The plain path: docs/method.md §1 written out, with ẑ and P built at full width."""
         sequences = _as_sequences(x)
         batch, num_new = sequences.shape[:2]
         z, delta = self.adapter(sequences, self.base)

@@ -1,4 +1,4 @@
-"""The MoE-PEFT baselines of SPEC section 4: routed LoRA experts chosen per token by a learned router.
+"""The MoE-PEFT baselines of docs/method.md §4: routed LoRA experts chosen per token by a learned router.
 
 One layer, `MoELinear`, covers every baseline; `config.method` picks the expert layout (`LAYOUTS`, the one
 place the four baselines are named; each is registered in lime.registry from it). With w̃ the top-k
@@ -20,7 +20,7 @@ losses are those of LiME (`routing_stats` per layer, collected by lime.balance).
 Trainable parameters per layer (E experts, rank r; the router adds E·d_in everywhere):
 MoELoRA (E+1)·r(d_in+d_out) + E·d_in; MoEDoRA + E·d_out; MoELoRA-FA (E+1)·r·d_out + E·d_in;
 MoLA E·r(d_in+d_out) + E·d_in; HydraLoRA r·d_in + E·r·d_out + E·d_in; MixLoRA r(d_in+d_out) + E·d_in.
-MoEDoRA's shared LoRA is a plain LoRA (no magnitude): that is what the E·d_out of SPEC's count allows.
+MoEDoRA's shared LoRA is a plain LoRA (no magnitude): that is what the E·d_out of the paper's count (docs/method.md §5) allows.
 
 How the routed experts are computed: one batched pair of matmuls over all experts, not gather/scatter.
 The experts' A's are stacked into one (E·r x d_in) matrix and their B's into one (d_out x E·r) matrix; the

@@ -1,4 +1,4 @@
-"""Prompt tuning and LiME prompt tuning (SPEC section 1.1).
+"""Prompt tuning and LiME prompt tuning (docs/method.md §1.1).
 
 N virtual tokens are prepended to the language model's input embeddings:
 

@@ -1,4 +1,4 @@
-"""Zero-parameter routing (SPEC section 2): logits, expert selection and n-gram windows.
+"""Zero-parameter routing (docs/method.md §2): logits, expert selection and n-gram windows.
 
 The functions are pure tensor code over a trailing expert axis E; `Router` strings them together for one
 layer. It keeps no state: what cached decoding needs (the weights of the positions n-gram windows reach back
@@ -67,7 +67,7 @@ def apply_jitter(logits: Tensor, jitter: float) -> Tensor:
 
 
 def select_experts(weights: Tensor, cfg: RoutingConfig) -> tuple[Tensor, Tensor]:
-    """Expert selection (SPEC 2.1). Returns the renormalised weights w̃ and the boolean selection mask."""
+    """Expert selection (docs/method.md §2.1). Returns the renormalised weights w̃ and the boolean selection mask."""
     if cfg.selection == "dense":
         return weights, torch.ones_like(weights, dtype=torch.bool)
     if cfg.selection in ("auto", "soft_auto"):

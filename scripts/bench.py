@@ -11,7 +11,7 @@ wrapped for every method, so every method runs exactly the same frozen model on 
 
 * **Training step**: forward + backward + AdamW step on one batch of `--batch` x `--seq` random tokens with an
   all-ones attention mask, causal-LM loss on every token, plus the balance loss c·(α L_imp + β L_KL) of
-  SPEC 3 (paper values, every step) for the routed methods. The floor `base` has no adapter: it runs the
+  docs/method.md §3 (paper values, every step) for the routed methods. The floor `base` has no adapter: it runs the
   frozen model forward and the backward that any adapter on the targets needs (the outputs of the lowest
   target layers are made leaves that require a gradient: backward runs down to them, no further), without
   an optimizer.
@@ -163,7 +163,7 @@ WORKLOAD_KEYS = ("device", "dtype", "hidden", "layers", "heads", "kv_heads", "in
                  "targets", "rank", "experts", "warmup", "repeats", "layer_repeats", "layer_models", "layer_tokens",
                  "layer_tokens_7b", "layer_repeats_7b", "prompt", "new_tokens", "compile", "clock", "threads", "quick")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-BALANCE = {"importance_weight": 0.1, "kl_weight": 0.01, "scale": 0.01}  # SPEC 3 paper values
+BALANCE = {"importance_weight": 0.1, "kl_weight": 0.01, "scale": 0.01}  # docs/method.md §3 paper values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
-"""The PEFT baselines of SPEC section 4: plain LoRA/DoRA/LoRA-FA/SliceFine/prompt tuning and the MoE-PEFT layers.
+"""The PEFT baselines of docs/method.md §4: plain LoRA/DoRA/LoRA-FA/SliceFine/prompt tuning and the MoE-PEFT layers.
 
-Parameter counts on the meta device (SPEC section 5), the configs/peft presets, the MoE layer against the plain
+Parameter counts on the meta device (docs/method.md §5), the configs/peft presets, the MoE layer against the plain
 method and against a naive per-token loop, HF peft parity and cached decoding. Identity at init and a few
 training steps with save/load run for every registered method in tests/test_methods.py.
 """
@@ -36,7 +36,7 @@ METHOD_OF = {name: method for (method, _), name in preset_pairs().items()}
 PLAIN = [name for name in presets.peft_presets() if METHOD_OF[name] == "plain"]
 ROUTED = [name for name in presets.peft_presets() if registry.METHODS[METHOD_OF[name]].routing_group == "moe"]
 
-# SPEC section 5 (and the per-layer formulas of section 4 where SPEC gives no total):
+# docs/method.md §5 (and the per-layer formulas of §4 where it gives no total):
 # LLaVA-OV-7B, q,k,v,o,out_proj in both towers (216 layers); LLaVA-OV-0.5B, LM-only q,k,v,o (96 layers).
 EXPECTED_COUNTS = {
     "lora": (1_740_800, 270_336),
@@ -157,7 +157,7 @@ def test_parameter_counts_match_spec(name: str, meta_models) -> None:
 
 
 def layer_formula(name: str, d_in: int, d_out: int, e: int, r: int) -> int:
-    """SPEC section 4: trainable parameters of one wrapped layer."""
+    """docs/method.md §4: trainable parameters of one wrapped layer."""
     moe_lora = (e + 1) * r * (d_in + d_out) + e * d_in
     return {
         "moe_lora": moe_lora,
@@ -211,7 +211,7 @@ def test_one_expert_equals_plain(name: str, variant: str) -> None:
 
 
 def naive_moe(layer: MoELinear, x: torch.Tensor) -> torch.Tensor:
-    """The MoE layer written out one token and one expert at a time, from SPEC section 4."""
+    """The MoE layer written out one token and one expert at a time, from docs/method.md §4."""
     W, b, s, k = layer.base.weight, layer.base.bias, layer.scale, layer.router.cfg.top_k
     num_experts, d_out = layer.num_experts, W.shape[0]
     out = torch.empty(*x.shape[:-1], d_out)

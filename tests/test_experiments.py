@@ -1,4 +1,4 @@
-"""Every experiment composes, its sweep expands to the expected jobs, and the #params column is SPEC section 5."""
+"""Every experiment composes, its sweep expands to the expected jobs, and the #params column is docs/method.md §5."""
 
 import functools
 import itertools
@@ -108,7 +108,7 @@ def test_experiment_pins_the_paper_setup():
     assert experts.routing.top_k == 1
 
 
-SPEC_7B = {  # SPEC section 5
+SPEC_7B = {  # docs/method.md §5
     "lora": 1_740_800, "dora": 2_089_984, "lora_fa": 698_368, "prompt": 71_680, "moe_lora": 10_788_864,
     "moe_dora": 12_185_600, "hydralora": 5_920_768, "mixlora": 3_825_664, "lime_lora": 3_486_936,
     "lime_dora": 3_836_120, "lime_lora_fa": 2_444_504, "lime_slicefine": 2_444_504, "lime_prompt": 89_601,

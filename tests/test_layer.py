@@ -1,4 +1,4 @@
-"""The LiME layer (SPEC section 1): the formula, identity at init, peft parity, padding, caching, batch invariance."""
+"""The LiME layer (docs/method.md §1): the formula, identity at init, peft parity, padding, caching, batch invariance."""
 
 import copy
 
@@ -133,7 +133,7 @@ def decode_step_by_step(model, ids, mask, prefill):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("n_gram", [1, 2, 3, 4])
 def test_cached_decoding_equals_full_forward(variant, n_gram):
-    # LiME prompt routing reads the mean embedding of the whole input (SPEC 1.1), which a prefill of 3 tokens
+    # LiME prompt routing reads the mean embedding of the whole input (docs/method.md §1.1), which a prefill of 3 tokens
     # cannot know; its prompts are fixed at the prefill. Plain prompt tuning has no such dependence.
     method = "plain" if VARIANTS[variant].build is None else "lime"
     config = LiMEConfig(variant=variant, method=method, routing=dict(n_gram=n_gram))

@@ -11,13 +11,13 @@ from lime.config import LiMEConfig
 from lime.data.processors import FAMILIES, build_tiny_processor, example_inputs
 from lime.inject import language_model
 
-# SPEC section 5: frozen-model totals, counted on the meta device from the configs' architecture.
+# docs/method.md §5: frozen-model totals, counted on the meta device from the configs' architecture.
 META_TOTALS = {
     "llava_ov_7b": 8_030_807_584,
     "llava_ov_0.5b": 893_675_552,
     "qwen2_vl_7b": 8_291_375_616,  # not in the paper; what Qwen/Qwen2-VL-7B-Instruct's config gives
 }
-# Wrapped layers: 7B = 28 LM layers x 4 + 26 SigLIP layers x 4 (SPEC section 5: 216).
+# Wrapped layers: 7B = 28 LM layers x 4 + 26 SigLIP layers x 4 (docs/method.md §5: 216).
 TARGET_COUNTS = {"llava_ov_7b": (216, 112), "llava_ov_0.5b": (200, 96), "qwen2_vl_7b": (176, 112)}
 
 
@@ -91,7 +91,7 @@ def test_meta_totals_are_exact(name, model_cfg):
 
 def test_meta_build_applies_the_grid_pinpoint(model_cfg):
     model, _ = models.build(model_cfg("llava_ov_7b"), device="meta")
-    assert model.config.image_grid_pinpoints == [[384, 384]]  # SPEC section 6
+    assert model.config.image_grid_pinpoints == [[384, 384]]  # docs/method.md §6
 
 
 def test_target_names_match_whole_components(tiny_llava):

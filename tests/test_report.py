@@ -322,7 +322,7 @@ def test_layer_matrix_groups_modules_by_block():
 # The paper numbers file
 # --------------------------------------------------------------------------------------------------------
 
-# Table 2 exactly as in PAPER_NUMBERS.md section 1 (bold / underline marks removed).
+# Table 2 exactly as in docs/paper_numbers.md (bold / underline marks removed).
 TABLE2 = """
 PromptTuning | 0.07M | 72.63±2.24 | 50.22±0.96 | 77.50±1.53 | 71.91±1.35 | 15.86±2.29 | 14.51±2.64 | 15.86±2.42
 LoRA | 1.74M | 77.02±1.59 | 93.92±0.56 | 83.80±1.27 | 90.64±0.97 | 43.23±1.88 | 62.85±2.19 | 50.99±1.96

@@ -1,4 +1,4 @@
-"""Routing against a naive per-token re-implementation written here (SPEC section 2)."""
+"""Routing against a naive per-token re-implementation written here (docs/method.md §2)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Batches for LLaVA-OneVision and Qwen2-VL processors: chat template, media, label masks (SPEC section 6).
+"""Batches for LLaVA-OneVision and Qwen2-VL processors: chat template, media, label masks (docs/method.md §6).
 
 Training text is the generation prompt (the chat template with `add_generation_prompt=True`) followed by
 the answer and the template's end-of-turn text, so the model is trained on exactly the prompt it sees at

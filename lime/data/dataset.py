@@ -49,7 +49,7 @@ class Sample:
     video: np.ndarray | None = None  # (num_frames, H, W, 3) uint8
 
     def messages(self) -> list[dict[str, Any]]:
-        """The user turn: media placeholder first, then the question (SPEC section 6)."""
+        """The user turn: media placeholder first, then the question (docs/method.md §6)."""
         content = [] if self.source_type == "text" else [{"type": self.source_type}]
         content.append({"type": "text", "text": self.question})
         return [{"role": "user", "content": content}]

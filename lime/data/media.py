@@ -1,4 +1,4 @@
-"""Image and video decoding (SPEC section 6): PIL for images, PyAV for videos.
+"""Image and video decoding (docs/method.md §6): PIL for images, PyAV for videos.
 
 Every failure is a `MediaError` that names the file, so a bad sample is reported as such instead of
 surfacing later as a shape error inside torch.

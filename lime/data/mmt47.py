@@ -1,4 +1,4 @@
-"""MMT-47 (SPEC section 6): schema, split names, task taxonomy, loading and subsets.
+"""MMT-47 (docs/method.md §6): schema, split names, task taxonomy, loading and subsets.
 
 A dataset in this format is a `DatasetDict` with a `train` split and test splits named
 `{text|image|video|glue}_test_{task}`; every split has the columns `source_type` (text / image / video),

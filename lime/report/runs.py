@@ -1,4 +1,4 @@
-"""Reading run directories (the layout train.py writes; DESIGN.md "The run directory").
+"""Reading run directories (the layout train.py writes; README "A run directory").
 
     runs = load_runs(["multirun/2025-01-01/12-00-00"])
     usable, excluded = split_runs(runs)          # excluded: failed, running, missing or incomplete results
