@@ -20,7 +20,8 @@ losses are those of LiME (`routing_stats` per layer, collected by lime.balance).
 Trainable parameters per layer (E experts, rank r; the router adds E·d_in everywhere):
 MoELoRA (E+1)·r(d_in+d_out) + E·d_in; MoEDoRA + E·d_out; MoELoRA-FA (E+1)·r·d_out + E·d_in;
 MoLA E·r(d_in+d_out) + E·d_in; HydraLoRA r·d_in + E·r·d_out + E·d_in; MixLoRA r(d_in+d_out) + E·d_in.
-MoEDoRA's shared LoRA is a plain LoRA (no magnitude): that is what the E·d_out of the paper's count (docs/method.md §5) allows.
+MoEDoRA's shared LoRA is a plain LoRA (no magnitude): that is what the E·d_out of the paper's count
+(docs/method.md §5) allows.
 
 How the routed experts are computed: one batched pair of matmuls over all experts, not gather/scatter.
 The experts' A's are stacked into one (E·r x d_in) matrix and their B's into one (d_out x E·r) matrix; the

@@ -1,7 +1,7 @@
 """Training: a `transformers.Trainer` with LiME's learning-rate groups, balance loss and routing logs.
 
-* Two learning rates (docs/method.md §3): `moe_lr` (no weight decay) for expert vectors, shared vector, gate and routers;
-  `peft_lr` for the PEFT tensors.
+* Two learning rates (docs/method.md §3): `moe_lr` (no weight decay) for expert vectors, shared vector, gate and
+  routers; `peft_lr` for the PEFT tensors.
 * The balance loss c · (α L_imp + β L_KL) joins the task loss on every `balance.every`-th optimizer step
   (counted in optimizer steps, from `balance.warmup_steps` on).
 * Under torchrun (DDP), `trainer.batch_size` is the global micro-batch, split across the processes, and the

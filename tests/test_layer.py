@@ -1,4 +1,5 @@
-"""The LiME layer (docs/method.md §1): the formula, identity at init, peft parity, padding, caching, batch invariance."""
+"""The LiME layer (docs/method.md §1): the formula, identity at init, peft parity, padding, caching, batch
+invariance."""
 
 import copy
 
