@@ -208,8 +208,8 @@ def ensure_backbone(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -
         logger.info("tiny backbone: loss %.3f -> %.3f in %ss (+ %ss decoding)", info["first_loss"],
                     info["final_loss_mean_last_50"], info["train_seconds"], info["data_seconds"])
     baseline = backbone_results(model_cfg, data_cfg) or score_backbone(model_cfg, data_cfg)
-    logger.info("pretrained tiny backbone %s; alone it scores %s (mean of tasks, %s)", out_dir,
-                baseline.get("overall", {}).get("mean_of_tasks"), baseline.get("scorer"))
+    logger.info("pretrained tiny backbone %s; alone it scores %.2f (mean of tasks, %s)", out_dir,
+                float(baseline.get("overall", {}).get("mean_of_tasks", float("nan"))), baseline.get("scorer"))
     return {**model_cfg, "name_or_path": str(out_dir), "tiny": None, "pretrain": None}
 
 

@@ -1,6 +1,8 @@
 """The pretrained tiny backbone of the offline default (lime/pretrain.py): disjoint data, cache, baseline."""
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -25,10 +27,13 @@ def configs(tmp_path, *overrides):
     return cfg["model"], cfg["data"]
 
 
-def test_backbone_is_pretrained_once_evaluated_alone_and_loaded(tmp_path, monkeypatch):
+def test_backbone_is_pretrained_once_evaluated_alone_and_loaded(tmp_path, monkeypatch, caplog):
     model_cfg, data_cfg = configs(tmp_path)
     rng = torch.random.get_rng_state()
-    built = pretrain.ensure_backbone(model_cfg, data_cfg)
+    with caplog.at_level(logging.INFO, logger="lime.pretrain"):
+        built = pretrain.ensure_backbone(model_cfg, data_cfg)
+    alone = [r.getMessage() for r in caplog.records if "alone it scores" in r.getMessage()]
+    assert len(alone) == 1 and re.search(r"alone it scores \d+\.\d\d \(mean of tasks", alone[0])  # rounded
     assert torch.equal(torch.random.get_rng_state(), rng)  # first and cached runs draw the same adapter init
     out = Path(built["name_or_path"])
     assert built["tiny"] is None and built["pretrain"] is None and out.parent == tmp_path / "bb"
