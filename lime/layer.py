@@ -152,7 +152,7 @@ class LiMELinear(PEFTLinear):
         valid, state, bounds = token_layout(self.text_context, x, batch, num_new)
         new_valid = valid[:, -num_new:]
         keep = new_valid if self.text_context is not None and self.text_context.mask is not None else None
-        f = self._factors(sequences.dtype, state)
+        f = self._factors(sequences.dtype)
         hidden, z = hidden_and_base(self.adapter, sequences, self.base, None)  # u (rank r) and W x + b
         if f.mu is not None:
             z = self._rescaled(z, f.mu, keep)
@@ -194,21 +194,12 @@ class LiMELinear(PEFTLinear):
         z = mu * frozen if bias is None else torch.addcmul((1.0 - mu) * bias.to(mu.dtype), mu, frozen)
         return z if keep is None else torch.where(keep.unsqueeze(-1), z, frozen)
 
-    def _factors(self, dtype: torch.dtype, state: CacheState | None) -> Factors:
-        """K, the router's heads and DoRA's μ (lime.fused), built for this call; during cached decoding
-        (no autograd, a KV cache) built once per cache and kept with it, since the parameters cannot change
-        inside one decoding run. No other call reuses them, so no way of updating a parameter leaves them stale."""
-        router = self.router
-        channels = router.channels if router.proj is None else None
-
-        def build() -> Factors:
-            return fused.factors(
-                self.adapter, self.base, self.expert_vectors, self.shared_gate, self.shared_vector, channels, dtype
-            )
-
-        if state is None or torch.is_grad_enabled():  # training: K is part of the graph
-            return build()
-        return state.layer_factors(self, dtype, build)
+    def _factors(self, dtype: torch.dtype) -> Factors:
+        """K, the router's heads and DoRA's μ (lime.fused): part of the graph in training, kept for one cached
+        decoding run otherwise (`kept_while_decoding`)."""
+        channels = self.router.channels if self.router.proj is None else None
+        return self.kept_while_decoding(dtype, lambda: fused.factors(
+            self.adapter, self.base, self.expert_vectors, self.shared_gate, self.shared_vector, channels, dtype))
 
     def _router_delta(self, hidden: Tensor, f: Factors, z: Tensor) -> Tensor:
         """A tensor whose [..., C] is Ẑ = ẑ[..., C], for `Router` (which indexes its inputs at its channels C)."""
