@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from lime.data import processors as tiny_processors
+from lime.settings import plain  # DictConfig -> dict: transformers configs reject DictConfig values
 
 FAMILIES = {
     "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
@@ -52,7 +53,7 @@ def build(cfg: Mapping[str, Any], device: str | torch.device | None = None,
     for tiny configs and ``None`` otherwise (a real processor would need the hub). Any other
     ``device`` moves the built model there (not with quantization or a ``device_map``, which place it).
     """
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     _family(cfg)
     if device is not None and torch.device(device).type == "meta":
         return _build_meta(cfg)
@@ -69,7 +70,7 @@ def tiny_config(cfg: Mapping[str, Any], processor: ProcessorMixin) -> Pretrained
     The vocabulary is the tiny tokenizer's, so the image/video token ids (at its end) are in range.
     Vision geometry comes from :mod:`lime.data.processors` so that model and processor always agree.
     """
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     family = _family(cfg)
     sizes = cfg["tiny"]
     tok = processor.tokenizer
@@ -99,7 +100,7 @@ def tiny_config(cfg: Mapping[str, Any], processor: ProcessorMixin) -> Pretrained
 def config_from_architecture(family: str, architecture: Mapping[str, Any]) -> PretrainedConfig:
     """A model config from a config.json-style mapping (the ``architecture`` key of a model yaml)."""
     config_cls, _ = FAMILIES[family]
-    arch = {k: v for k, v in _plain(architecture).items() if k != "model_type"}
+    arch = {k: v for k, v in plain(architecture).items() if k != "model_type"}
     return config_cls(**arch)
 
 
@@ -220,14 +221,3 @@ def _family(cfg: Mapping[str, Any]) -> str:
     if family not in FAMILIES:
         raise ValueError(f"model.family must be one of {sorted(FAMILIES)}, got {family!r}")
     return family
-
-
-def _plain(cfg: Mapping[str, Any]) -> dict:
-    """OmegaConf DictConfig -> plain dict (transformers configs reject DictConfig/ListConfig values)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # omegaconf is a hydra dependency; plain dicts work without it
-        return dict(cfg)
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg)

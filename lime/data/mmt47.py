@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from lime.scoring import AcceptedAnswers
+from lime.settings import plain
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Taxonomy:
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> Taxonomy:
-        cfg = _plain(cfg)
+        cfg = plain(cfg)
         categories = {name: tuple(group["tasks"]) for name, group in cfg["categories"].items()}
         modalities = {name: group["modality"] for name, group in cfg["categories"].items()}
         for name, modality in modalities.items():
@@ -364,7 +365,7 @@ class TaskRules:
 
     @classmethod
     def from_config(cls, taxonomy_cfg: Mapping) -> TaskRules | None:
-        cfg = _plain(taxonomy_cfg)
+        cfg = plain(taxonomy_cfg)
         rules = cfg.get("train_tasks")
         return cls(rules, Taxonomy.from_config(cfg)) if rules else None
 
@@ -477,10 +478,6 @@ def _sample(rows: datasets.Dataset, n: int | None, seed: int, split: str) -> dat
         return rows
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
     return rows.select(np.sort(rng.choice(len(rows), size=n, replace=False)))
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
 def _list(value: Any) -> list[str] | None:
