@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import lime  # noqa: E402
 from lime import presets  # noqa: E402
 from lime.models import FAMILIES, config_from_architecture  # noqa: E402
+from lime.settings import plain  # noqa: E402
 
 MODEL = "llava_ov_0.5b"
 BALANCE = {"importance_weight": 0.1, "kl_weight": 0.01, "scale": 0.01}  # docs/method.md, "Balance losses"
@@ -84,7 +85,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 def architecture(args: argparse.Namespace) -> nn.Module:
     """The LLaVA-OV-0.5B model of configs/model, random weights (tiny towers under --dry-run)."""
     cfg = presets.compose([f"model={MODEL}"]).model
-    arch = lime.models._plain(cfg.architecture)
+    arch = plain(cfg.architecture)
     if args.dry_run:
         arch["text_config"] = {**arch["text_config"], **TINY_TEXT}
         arch["vision_config"] = {**arch["vision_config"], **TINY_VISION}
