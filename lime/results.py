@@ -1,5 +1,5 @@
 """Results files of an evaluation: per-category aggregation, ``results.json`` / ``results.csv`` and
-``predictions/<split>.jsonl``.
+``predictions/<split>.jsonl`` (or ``.jsonl.gz``: committed runs keep theirs compressed, scripts/small_scale.py).
 
 Scores come in from ``lime.scoring`` (strings in, verdicts out); this module only aggregates them and writes
 them. Category means are unweighted means of task scores; a category missing a task is never averaged over
@@ -9,6 +9,7 @@ fewer tasks (its score is null and its missing tasks are listed).
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -197,3 +198,29 @@ def write_predictions(run_dir: str | Path, split: str, rows: Iterable[Mapping]) 
             record["answer"] = _answer_record(record["answer"])
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
+
+
+def prediction_files(predictions_dir: str | Path) -> list[Path]:
+    """The ``<split>.jsonl`` and ``<split>.jsonl.gz`` files of a predictions folder, sorted by split."""
+    folder = Path(predictions_dir)
+    return sorted([*folder.glob("*.jsonl"), *folder.glob("*.jsonl.gz")], key=lambda p: p.name)
+
+
+def prediction_split(path: Path) -> str:
+    """The split a predictions file holds: its name less ``.jsonl`` or ``.jsonl.gz``."""
+    return path.name.removesuffix(".gz").removesuffix(".jsonl")
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """The rows of a predictions file, plain or gzipped."""
+    path = Path(path)
+    text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def compress_predictions(predictions_dir: str | Path) -> None:
+    """Gzip every ``<split>.jsonl`` in place, byte-reproducibly (no time stamp in the gzip header), so that a
+    rerun of a committed run writes the same bytes."""
+    for path in Path(predictions_dir).glob("*.jsonl"):
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes(), mtime=0))
+        path.unlink()

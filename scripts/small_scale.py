@@ -1,31 +1,38 @@
 """Every paper experiment at small scale (the tiny LLaVA-OneVision on mmt_mini, CPU), then its tables and figures,
-regenerated from the logged runs, into experiments/<experiment>/small_scale/.
+regenerated from the committed runs, into experiments/<experiment>/small_scale/.
 
-    python scripts/small_scale.py                                  # all of them, two jobs at a time (~2 h on 2 cores)
+    python scripts/small_scale.py                                  # all of them, two jobs at a time (~4 h on 2 cores)
     python scripts/small_scale.py ablation_ngram table2 --jobs 4   # some of them
-    python scripts/small_scale.py --epochs 3                       # three epochs instead of one: ~2x the time
     python scripts/small_scale.py --report-only                    # rebuild the reports from the runs already there
-    python scripts/small_scale.py --check table2 --group lime_lora --seed 0   # rerun one committed job, compare
+    python scripts/small_scale.py --check experiments/table2/small_scale/runs/seed0/peft=lime_lora
+                                                                   # rerun one committed job from empty caches
 
-An experiment is the paper's sweep (configs/experiment/<name>.yaml) with the small-scale groups on the command
-line, which win over the experiment's (Hydra applies command-line overrides after the sweeper's params). Each
-(experiment, seed) is one `train.py -m` process: runs go to <runs>/<experiment>/seed<S>/<job>, its log to
-<runs>/logs/. The timed experiment (efficiency) runs after the others, alone on the machine. A failed process is
-reported and left out of the reports; the others go on.
+An experiment is the paper's sweep (configs/experiment/<name>.yaml, expanded as Hydra's basic sweeper expands it)
+with the small-scale groups on the command line, which win over the experiment's. Every job is one `train.py`
+process whose run directory is experiments/<experiment>/small_scale/runs/seed<S>/<its overrides>, committed with
+the reports. Resumable: a job whose run completed is skipped, one that did not is started afresh (so that a
+rerun's numbers never depend on where an earlier one stopped); a full rerun can span sessions. A completed run
+is compacted for the repository: checkpoints dropped, predictions gzipped, and the backbone's own per-sample
+predictions copied beside it (backbone_eval/, for the backbone-alone row's intervals). The timed experiment
+(efficiency) runs after the others, alone on the machine. A failed job is reported and left out of the reports;
+the others go on.
 
---check reruns one committed job from empty caches (benchmark, pretraining mixture and backbone rebuilt in a
-temporary directory, as on a fresh machine) and compares its category scores and Mean exactly (float equality)
-with the committed experiments/<experiment>/small_scale/<table>_runs.csv row of that group and seed.
+--check reruns one committed run from empty caches (benchmark, pretraining mixture and backbone rebuilt in a
+temporary directory, as on a fresh machine) and compares its results.json (every score, count and answer loss)
+and its adapter's tensor checksums with the committed ones, exactly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,25 +51,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("experiments", nargs="*", metavar="NAME",
                         help=f"experiments to run (default: all): {', '.join(EXPERIMENTS)}")
-    parser.add_argument("--runs", type=Path, default=ROOT / "multirun" / "small_scale", help="run directory root")
-    parser.add_argument("--out", type=Path, default=ROOT / "experiments", help="reports: <out>/<name>/small_scale")
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments",
+                        help="runs and reports: <out>/<name>/small_scale/{runs/,tables,figures}")
     parser.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (one CPU thread each)")
     parser.add_argument("--epochs", type=int, default=1, help="trainer.epochs (trainer=smoke: 1)")
     parser.add_argument("--table2-seeds", default="0,1,2")
     parser.add_argument("--ablation-seeds", default="0,1,2")
     parser.add_argument("--report-only", action="store_true", help="skip training; rebuild the reports")
-    parser.add_argument("--check", metavar="NAME", help="rerun one committed job of this experiment and compare")
-    parser.add_argument("--group", help="--check: the job's group in <table>_runs.csv (table2: the peft name)")
-    parser.add_argument("--seed", default="0", help="--check: the job's seed")
-    parser.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
-                        help="--check: the job's overrides (default for table2: peft=<group>)")
+    parser.add_argument("--check", type=Path, metavar="RUN_DIR", help="rerun this committed run and compare")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
     if unknown:
         parser.error(f"unknown experiments {unknown}; choose from {EXPERIMENTS}")
     args.experiments = args.experiments or EXPERIMENTS
-    if args.check and (args.check not in EXPERIMENTS or args.check in TIMED or not args.group):
-        parser.error("--check needs a scored experiment name and --group")
+    if args.check and not (args.check / "results.json").is_file():
+        parser.error(f"--check: {args.check} is not a completed run directory (no results.json)")
     return args
 
 
@@ -72,63 +75,161 @@ def seeds(experiment: str, args: argparse.Namespace) -> list[str]:
     return (args.table2_seeds if experiment == "table2" else args.ablation_seeds).split(",")
 
 
-def command(experiment: str, seed: str, args: argparse.Namespace) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "-m", f"experiment={experiment}", *SMALL,
-            f"trainer.epochs={args.epochs}", f"seed={seed}", *TINY_SWEEPS.get(experiment, []),
-            f"hydra.sweep.dir={args.runs / experiment / f'seed{seed}'}"]
+@dataclass(frozen=True)
+class Job:
+    """One point of an experiment's sweep: `overrides` are the swept values, seed included."""
+
+    experiment: str
+    overrides: tuple[str, ...]
+
+    @property
+    def seed(self) -> str:
+        return next(o.split("=", 1)[1] for o in self.overrides if o.startswith("seed="))
+
+    @property
+    def name(self) -> str:
+        """The run directory's name: its swept values less the seed, e.g. `peft=lime_lora`."""
+        return ",".join(o for o in self.overrides if not o.startswith("seed=")).replace("/", "|")
+
+    def run_dir(self, out: Path) -> Path:
+        return runs_root(self.experiment, out) / f"seed{self.seed}" / self.name
+
+    def command(self, args: argparse.Namespace) -> list[str]:
+        run_dir = f"hydra.run.dir='{self.run_dir(args.out)}'"  # quoted: the name holds = [ ,
+        return [sys.executable, str(ROOT / "train.py"), f"experiment={self.experiment}", *SMALL,
+                f"trainer.epochs={args.epochs}", *self.overrides, run_dir]
+
+
+def runs_root(experiment: str, out: Path) -> Path:
+    return out / experiment / "small_scale" / "runs"
+
+
+def jobs(experiment: str, args: argparse.Namespace) -> list[Job]:
+    """The experiment's sweep at small scale, in the order `train.py -m` would run it."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = compose_small(f"experiment={experiment}", hydra=True)["hydra"]["sweeper"]["params"] or {}
+    # The command line wins over the experiment's params on a shared key, as in BasicSweeper.
+    arguments = [*(f"{k}={v}" for k, v in params.items()), *TINY_SWEEPS.get(experiment, []),
+                 f"seed={','.join(seeds(experiment, args))}"]
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [Job(experiment, tuple(overrides)) for batch in batches for overrides in batch]
+
+
+def completed(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "run_info.json").read_text()).get("status") == "completed"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def compact(run_dir: Path) -> None:
+    """What the repository keeps of a completed run (idempotent): no checkpoints (the adapter is beside them),
+    gzipped predictions, per-layer routing statistics from the last logging step only (the figures read no
+    other), and the backbone's own per-sample verdicts for the backbone-alone row's intervals."""
+    from lime.pretrain import baseline_dir
+    from lime.report.runs import load_run
+    from lime.results import compress_predictions, prediction_files, read_predictions
+
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    compress_predictions(run_dir / "predictions")
+    thin_metrics(run_dir / "metrics.jsonl")
+    if not (run_dir / "backbone_results.json").is_file():
+        return
+    target = run_dir / "backbone_eval" / "predictions"
+    if not target.is_dir():
+        cfg = load_run(run_dir).config
+        source = baseline_dir(cfg["model"], cfg["data"]) / "backbone_eval" / "predictions"
+        target.mkdir(parents=True)
+        for path in prediction_files(source):
+            verdicts = [{"id": row["id"], "correct": row["correct"]} for row in read_predictions(path)]
+            (target / path.name).write_text("".join(json.dumps(v) + "\n" for v in verdicts))
+    compress_predictions(target)
+
+
+def thin_metrics(path: Path) -> None:
+    """Drop the per-layer routing statistics (routing/layers/...) of every logging step but the last that has
+    them: they are most of the file, and the reports read only the latest."""
+    if not path.is_file():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    layered = [i for i, row in enumerate(rows) if any(k.startswith("routing/layers/") for k in row)]
+    for i in layered[:-1]:
+        rows[i] = {k: v for k, v in rows[i].items() if not k.startswith("routing/layers/")}
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def start_afresh(run_dir: Path) -> None:
+    """Clear what an interrupted run left, unless its process still runs (the run's lock then refuses)."""
+    from lime.run import RunLock
+
+    with RunLock(run_dir):
+        for path in run_dir.iterdir():
+            if path.name.startswith(".lock"):
+                continue
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def run(job: Job, args: argparse.Namespace) -> bool:
+    run_dir = job.run_dir(args.out)
+    label = f"{job.experiment} seed {job.seed} {job.name}"
+    if completed(run_dir):
+        compact(run_dir)  # a no-op unless an earlier version of this script left it less compact
+        return True
+    if run_dir.exists():
+        start_afresh(run_dir)
+    log = run_dir.parent / f"{job.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as f:
+        ok = subprocess.run(job.command(args), stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode == 0
+    if ok:
+        compact(run_dir)
+        log.unlink()  # the run directory's train.log has it
+    print(f"{'done  ' if ok else 'FAILED'} {label} in {time.perf_counter() - start:.0f}s"
+          + ("" if ok else f" (see {log})"), flush=True)
+    return ok
 
 
 def check(args: argparse.Namespace) -> int:
-    """Rerun one committed job from empty caches; 0 when every committed number is reproduced exactly."""
-    import csv
-    import json
-    import tempfile
+    """Rerun one committed run from empty caches; 0 when its results.json and adapter checksums are reproduced
+    exactly."""
+    import yaml
 
-    committed = args.out / args.check / "small_scale"
-    table = committed / ("table2_runs.csv" if args.check == "table2" else "results_runs.csv")
-    rows = [r for r in csv.DictReader(table.open()) if r["group"] == args.group and r["seed"] == args.seed]
-    if len(rows) != 1:
-        print(f"{table}: {len(rows)} rows of group {args.group!r}, seed {args.seed}", file=sys.stderr)
-        return 1
-    overrides = args.set if args.set is not None else [f"peft={args.group}"]
+    committed = args.check
+    overrides = yaml.safe_load((committed / ".hydra" / "overrides.yaml").read_text())
     with tempfile.TemporaryDirectory(prefix="lime-check-") as tmp:
-        cmd = [sys.executable, str(ROOT / "train.py"), f"experiment={args.check}", *SMALL,
-               f"trainer.epochs={args.epochs}", f"seed={args.seed}", *overrides,
-               f"data.cache_dir={tmp}/data", f"model.pretrain.cache_dir={tmp}/backbones", f"hydra.run.dir={tmp}/run"]
+        cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"data.cache_dir={tmp}/data",
+               f"model.pretrain.cache_dir={tmp}/backbones", f"hydra.run.dir={tmp}/run"]
         print(" ".join(cmd[1:]), flush=True)
         if subprocess.run(cmd, cwd=ROOT).returncode:
             return 1
-        results = json.loads((Path(tmp) / "run" / "results.json").read_text())
-    wrong = mismatches(rows[0], results)
-    print("\n".join(wrong) if wrong else f"reproduced exactly: {args.check} {args.group} seed {args.seed} "
-          f"({rows[0]['run']})")
+        wrong = mismatches(committed, Path(tmp) / "run")
+    print("\n".join(wrong) if wrong else f"reproduced exactly: {committed}")
     return 1 if wrong else 0
 
 
-def mismatches(committed: dict[str, str], results: dict) -> list[str]:
-    """Every category score and the Mean of a rerun's results.json that differs from its committed
-    <table>_runs.csv row (the CSV holds Python's shortest round-trip repr: equal floats print equal)."""
-    ours = {name: entry.get("score") for name, entry in results["categories"].items()}
-    ours["Mean"] = results["overall"]["mean_of_categories"]
-    missing = [f"{name}: committed {committed[name]}, not in the rerun" for name in committed
-               if name not in ours and name not in RUN_COLUMNS]
-    return missing + [f"{name}: committed {committed.get(name)!r}, rerun {value!r}" for name, value in ours.items()
-                      if name not in committed or value is None or float(committed[name]) != value]
+def mismatches(committed: Path, rerun: Path) -> list[str]:
+    """Every value of results.json (scores, counts, answer losses) and every adapter tensor checksum in which a
+    rerun differs from the committed run; floats compared exactly."""
+    out = []
+    for name, key in (("results.json", None), ("adapter/adapter_config.json", "tensors")):
+        ours, theirs = (json.loads((root / name).read_text()) for root in (committed, rerun))
+        ours, theirs = (flat(d.get(key, {}) if key else d) for d in (ours, theirs))
+        out += [f"{name} {k}: committed {ours.get(k, '(absent)')!r}, rerun {theirs.get(k, '(absent)')!r}"
+                for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
+    return out
 
 
-RUN_COLUMNS = {"method", "group", "seed", "run", "trainable_params", "total_params"}  # <table>_runs.csv, not scores
-
-
-def run(experiment: str, seed: str, args: argparse.Namespace) -> bool:
-    log = args.runs / "logs" / f"{experiment}-seed{seed}.log"
-    start = time.perf_counter()
-    print(f"start  {experiment} seed {seed}", flush=True)
-    with log.open("w") as f:
-        process = subprocess.run(command(experiment, seed, args), stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    ok = process.returncode == 0
-    print(f"{'done  ' if ok else 'FAILED'} {experiment} seed {seed} in {time.perf_counter() - start:.0f}s"
-          + ("" if ok else f" (see {log})"), flush=True)
-    return ok
+def flat(value, prefix: str = "") -> dict[str, object]:
+    """{'a.b.0': leaf} of a JSON value."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): value}
 
 
 def pretrain_backbone() -> None:
@@ -179,7 +280,7 @@ REPORTS = {  # experiment -> the report scripts and their options; ablations: fi
 
 def report(experiment: str, args: argparse.Namespace) -> bool:
     """Rebuild the experiment's reports; False (after the others were tried) when a report script failed."""
-    runs, out = str(args.runs / experiment), str(args.out / experiment / "small_scale")
+    runs, out = str(runs_root(experiment, args.out)), str(args.out / experiment / "small_scale")
     scripts = REPORTS.get(experiment, [["make_tables.py", "--name", "results"], ["make_figures.py", "--paper"]])
     scripts = [[*s, *(f"--reference={r}" for r in reference(experiment))] if s[0] == "make_tables.py" else s
                for s in scripts]
@@ -189,23 +290,26 @@ def report(experiment: str, args: argparse.Namespace) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """0 when every sweep ran and every report was written, else 1 (what failed is printed)."""
+    """0 when every job ran and every report was written, else 1 (what failed is printed)."""
     args = parse_args(argv)
     if args.check:
         return check(args)
     failed = []
     if not args.report_only:
-        (args.runs / "logs").mkdir(parents=True, exist_ok=True)
         pretrain_backbone()
-        units = [(e, s) for e in args.experiments for s in seeds(e, args)]
-        pooled, alone = [u for u in units if u[0] not in TIMED], [u for u in units if u[0] in TIMED]
-        for jobs, batch in ((args.jobs, pooled), (1, alone)):
-            with ThreadPoolExecutor(jobs) as pool:
-                failed += [u for u, ok in zip(batch, pool.map(lambda u: run(*u, args), batch), strict=True) if not ok]
-    reports = [e for e in args.experiments if (args.runs / e).is_dir()]
+        # Seed 0 of every experiment first: a rerun stopped half-way leaves whole tables of fewer seeds.
+        todo = sorted((job for e in args.experiments for job in jobs(e, args)), key=lambda job: job.seed)
+        done = sum(completed(job.run_dir(args.out)) for job in todo)
+        print(f"{len(todo)} jobs, {done} already completed (skipped)", flush=True)
+        pooled, alone = [j for j in todo if j.experiment not in TIMED], [j for j in todo if j.experiment in TIMED]
+        for workers, batch in ((args.jobs, pooled), (1, alone)):
+            with ThreadPoolExecutor(workers) as pool:
+                oks = pool.map(lambda job: run(job, args), batch)
+                failed += [f"{j.experiment} {j.run_dir(args.out)}" for j, ok in zip(batch, oks, strict=True) if not ok]
+    reports = [e for e in args.experiments if runs_root(e, args.out).is_dir()]
     failed += [f"report of {e}" for e in reports if not report(e, args)]
     if failed:
-        print(f"FAILED: {failed}", file=sys.stderr)
+        print("FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 import lime
 from lime import models
 from lime.config import LiMEConfig
+from lime.results import read_predictions
 from lime.settings import settings
 from tests.scripts import load_script
 
@@ -83,16 +84,62 @@ def test_every_job_of_every_sweep_composes_into_a_valid_config(experiment, scale
     assert len(configs) == len(jobs)  # no two jobs of a sweep train the same thing
 
 
-def test_small_scale_runs_three_seeds_of_every_sweep_and_one_timing_run():
+def test_small_scale_runs_every_job_of_every_sweep_once_in_its_own_run_directory():
     args = SMALL_SCALE.parse_args([])
     assert args.experiments == SMALL_SCALE.EXPERIMENTS and sorted(args.experiments) == EXPERIMENTS
-    units = {e: SMALL_SCALE.seeds(e, args) for e in args.experiments}
-    assert units.pop("efficiency") == ["0"] and all(seeds == ["0", "1", "2"] for seeds in units.values())
-    command = SMALL_SCALE.command("ablation_layers", "1", args)
-    assert command[2:4] == ["-m", "experiment=ablation_layers"] and "seed=1" in command
-    assert command[-1] == f"hydra.sweep.dir={args.runs / 'ablation_layers' / 'seed1'}"
+    for experiment in EXPERIMENTS:
+        jobs = SMALL_SCALE.jobs(experiment, args)
+        # Hydra's own expansion of `train.py -m`, with the one seed efficiency's timing runs take
+        hydra = [[o for o in job if not o.startswith("experiment=")]
+                 for job in sweep_jobs(experiment, SMALL_SCALE.TINY_SWEEPS.get(experiment, []))]
+        hydra = [job if any(o.startswith("seed=") for o in job) else [*job, "seed=0"] for job in hydra]
+        assert [list(job.overrides) for job in jobs] == hydra and len(jobs) == SMALL_JOBS[experiment]
+        assert len({job.run_dir(args.out) for job in jobs}) == len(jobs)
+    job = SMALL_SCALE.jobs("ablation_targets", args)[0]
+    runs = ROOT / "experiments" / "ablation_targets" / "small_scale" / "runs"
+    assert job.run_dir(args.out) == runs / "seed0" / "peft.targets=[q_proj,v_proj]"
+    command = job.command(args)
+    assert command[2:3 + len(SMALL_SCALE.SMALL)] == ["experiment=ablation_targets", *SMALL_SCALE.SMALL]
+    assert command[-1] == f"hydra.run.dir='{job.run_dir(args.out)}'" and "seed=0" in command
     with pytest.raises(SystemExit):
         SMALL_SCALE.parse_args(["ablation_nope"])
+
+
+def test_small_scale_skips_completed_runs_and_restarts_interrupted_ones(tmp_path, monkeypatch):
+    """Resumable across sessions: a completed run is never rerun; an interrupted one is cleared and rerun from
+    the start; a completed run is compacted (no checkpoints, gzipped predictions)."""
+    args = SMALL_SCALE.parse_args(["ablation_shared", "--out", str(tmp_path)])
+    done, interrupted = SMALL_SCALE.jobs("ablation_shared", args)[:2]
+    (done.run_dir(tmp_path)).mkdir(parents=True)
+    (done.run_dir(tmp_path) / "run_info.json").write_text(json.dumps({"status": "completed"}))
+    (interrupted.run_dir(tmp_path) / "checkpoints").mkdir(parents=True)
+    (interrupted.run_dir(tmp_path) / "run_info.json").write_text(json.dumps({"status": "running"}))
+    started = []
+
+    def fake_train(command, **kwargs):  # what train.py leaves in its run directory
+        run_dir = Path(command[-1].split("=", 1)[1].strip("'"))
+        started.append(run_dir)
+        assert not (run_dir / "checkpoints").exists()  # the interrupted run's leftovers were cleared first
+        (run_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+        (run_dir / "run_info.json").write_text(json.dumps({"status": "completed"}))
+        (run_dir / "predictions").mkdir()
+        (run_dir / "predictions" / "text_test_a.jsonl").write_text('{"id": "a[0]", "correct": true}\n')
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
+        return subprocess.CompletedProcess(command, 0)
+
+    layer = "routing/layers/model.layers.0.q_proj/usage"
+    metrics = [{"step": 10, "loss": 2.0, layer: [0.5, 0.5]}, {"step": 20, "loss": 1.0, layer: [0.75, 0.25]},
+               {"step": 20, "train_loss": 1.5, "final": True}]
+
+    monkeypatch.setattr(SMALL_SCALE.subprocess, "run", fake_train)
+    assert SMALL_SCALE.run(done, args) and SMALL_SCALE.run(interrupted, args)
+    assert started == [interrupted.run_dir(tmp_path)]
+    run_dir = interrupted.run_dir(tmp_path)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "predictions", "run_info.json"]
+    assert read_predictions(run_dir / "predictions" / "text_test_a.jsonl.gz") == [{"id": "a[0]", "correct": True}]
+    kept = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [{"step": 10, "loss": 2.0}, *metrics[1:]]  # per-layer statistics of the last step only
+    assert SMALL_SCALE.run(interrupted, args) and len(started) == 1
 
 
 def test_experiment_pins_the_paper_setup():

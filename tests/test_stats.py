@@ -122,15 +122,57 @@ def test_small_scale_compares_against_lora_and_each_ablations_default():
     assert SMALL_SCALE.reference("ablation_experts") == ['peft.name="lime_lora"', "peft.num_experts=4"]
 
 
-def test_check_accepts_only_the_committed_numbers_exactly():
+def test_check_accepts_only_the_committed_numbers_and_weights_exactly(tmp_path):
     results = {"categories": {"GLUE": {"score": 100 / 3}, "Vision Benchmark": {"score": 12.5}},
-               "overall": {"mean_of_categories": (100 / 3 + 12.5) / 2}}
-    row = {"method": "LiMELoRA", "group": "lime_lora", "seed": "0", "run": "x/0", "trainable_params": "6032",
-           "total_params": "209456", "GLUE": repr(100 / 3), "Vision Benchmark": "12.5",
-           "Mean": repr((100 / 3 + 12.5) / 2)}
-    assert SMALL_SCALE.mismatches(row, results) == []
-    results["categories"]["GLUE"]["score"] = np.nextafter(100 / 3, 100.0)  # one unit in the last place
-    assert SMALL_SCALE.mismatches(row, results) == [f"GLUE: committed {repr(100 / 3)!r}, rerun "
-                                                   f"{np.nextafter(100 / 3, 100.0)!r}"]
+               "overall": {"mean_of_categories": (100 / 3 + 12.5) / 2}, "answer_loss": {"tasks": {"sst2": 0.5}}}
+    tensors = {"tensors": {"lora_A": {"dtype": "F32", "shape": [2, 4], "sha256": "ab12"}}}
+    for name in ("committed", "rerun"):
+        (tmp_path / name / "adapter").mkdir(parents=True)
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        (tmp_path / name / "adapter" / "adapter_config.json").write_text(json.dumps(tensors))
+    committed, rerun = tmp_path / "committed", tmp_path / "rerun"
+    assert SMALL_SCALE.mismatches(committed, rerun) == []
+    results["categories"]["GLUE"]["score"] = float(np.nextafter(100 / 3, 100.0))  # one unit in the last place
     del results["categories"]["Vision Benchmark"]
-    assert "Vision Benchmark: committed 12.5, not in the rerun" in SMALL_SCALE.mismatches(row, results)
+    (rerun / "results.json").write_text(json.dumps(results))
+    tensors["tensors"]["lora_A"]["sha256"] = "cd34"
+    (rerun / "adapter" / "adapter_config.json").write_text(json.dumps(tensors))
+    assert SMALL_SCALE.mismatches(committed, rerun) == [
+        f"results.json categories.GLUE.score: committed {100 / 3!r}, rerun {float(np.nextafter(100 / 3, 100.0))!r}",
+        "results.json categories.Vision Benchmark.score: committed 12.5, rerun '(absent)'",
+        "adapter/adapter_config.json lora_A.sha256: committed 'ab12', rerun 'cd34'"]
+
+
+def test_compacted_runs_give_the_same_tables_as_the_runs_they_were(tmp_path):
+    """A committed run keeps gzipped predictions and a copy of the backbone's own (backbone_eval/): the
+    intervals, the backbone row's included, are those of the uncompacted runs."""
+    from lime.results import compress_predictions
+
+    runs = tmp_path / "runs"
+    for job, (method, seed) in enumerate([(m, s) for m in ("lora", "lime_lora") for s in (0, 1)]):
+        scores = {t: 100 * statistics.fmean(correctness(method, seed, t)) for ts in CATEGORIES.values() for t in ts}
+        run = make_run(runs / str(job), method=method, seed=seed, categories=CATEGORIES, scores=scores)
+        _predictions(run, method, seed)
+        backbone = {"tasks": {t: {"score": 100 / 3, "split": SPLITS[t]} for t in SPLITS}, "scorer": "strict",
+                    "categories": {c: {"score": 100 / 3, "tasks": ts} for c, ts in CATEGORIES.items()}}
+        (run / "backbone_results.json").write_text(json.dumps(backbone))
+        for split in SPLITS.values():  # the backbone right on a third of the samples
+            write_predictions(run / "backbone_eval", split, [
+                {"id": f"{split}[{i}]", "question": "q", "answer": "a", "prediction": "b", "correct": i % 3 == 0}
+                for i in range(N)])
+    plain = [statistics_of(r) for r in load_runs([runs])]
+    for run in runs.iterdir():
+        compress_predictions(run / "predictions")
+        compress_predictions(run / "backbone_eval" / "predictions")
+    assert not list(runs.glob("*/predictions/*.jsonl")) and list(runs.glob("*/backbone_eval/predictions/*.gz"))
+    assert [statistics_of(r) for r in load_runs([runs])] == plain
+    out = tmp_path / "report"
+    make_tables.main([str(runs), "--out", str(out)])
+    header, rows = _markdown_table((out / "table2.md").read_text())
+    assert rows[BACKBONE_LABEL][-1].startswith(("+", "-"))  # Δ vs LoRA from the copied per-sample predictions
+
+
+def statistics_of(run):
+    from lime.report.stats import sample_correctness
+
+    return sample_correctness(run)

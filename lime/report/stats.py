@@ -33,6 +33,7 @@ import numpy as np
 
 from lime.report.runs import Run, finite
 from lime.report.tables import MEAN_COLUMN, Row, Stat, group_value
+from lime.results import prediction_files, prediction_split, read_predictions
 
 RESAMPLES = 2000
 BACKBONE_LABEL = "Backbone alone (no adapter)"
@@ -61,14 +62,15 @@ class Difference:
 # --- per-sample correctness ----------------------------------------------------------------------
 
 def sample_correctness(run: Run) -> dict[str, dict[str, float]]:
-    """{task: {sample id: 1.0 / 0.0}} from the run's predictions/<split>.jsonl; tasks scored at split level
-    (correct is null) are left out."""
+    """{task: {sample id: 1.0 / 0.0}} from the run's predictions/<split>.jsonl (or .jsonl.gz); tasks scored at
+    split level (correct is null) are left out."""
     tasks = ((run.results or {}).get("tasks")) or {}
     task_of_split = {entry.get("split"): task for task, entry in tasks.items() if entry.get("split")}
     out: dict[str, dict[str, float]] = {}
-    for path in sorted((run.path / "predictions").glob("*.jsonl")):
-        task = task_of_split.get(path.stem, path.stem.split("_test_", 1)[-1])
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for path in prediction_files(run.path / "predictions"):
+        split = prediction_split(path)
+        task = task_of_split.get(split, split.split("_test_", 1)[-1])
+        rows = read_predictions(path)
         if rows and all(r.get("correct") is not None for r in rows):
             out[task] = {str(r["id"]): float(r["correct"]) for r in rows}
     return out
@@ -184,7 +186,10 @@ def backbone_row(runs: Sequence[Run], categories: Sequence[str], scorer: str | N
 
 
 def _backbone_eval_dir(run: Run) -> Path | None:
-    """The backbone's own evaluation (per-sample predictions) in its cache, where this machine has it."""
+    """The backbone's own evaluation (per-sample predictions): the copy a committed run carries
+    (<run>/backbone_eval, scripts/small_scale.py), else the backbone's cache, where this machine has it."""
+    if (run.path / "backbone_eval" / "predictions").is_dir():
+        return run.path / "backbone_eval"
     try:
         from lime.pretrain import baseline_dir
         path = baseline_dir(run.config["model"], run.config["data"]) / "backbone_eval"
