@@ -141,7 +141,7 @@ def plot_probes(rows: list[dict], modules: list[str], out: Path) -> list[Path]:
                 ax.plot(*zip(*points, strict=True), marker="o", label=module)
         ax.axhline(rows[0]["chance"], color="grey", linestyle=":", label="chance")
         ax.set(title=f"probe on the {feature}", xlabel="position in the n-gram window", ylabel="task accuracy",
-               ylim=(0, 1.05))
+               ylim=(0, 1.05), xticks=sorted({r["position"] for r in rows}))  # positions are whole numbers
         ax.legend(fontsize=7)
     return save_figure(fig, out, "probe_by_position")
 

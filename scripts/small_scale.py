@@ -15,7 +15,8 @@ rerun's numbers never depend on where an earlier one stopped); a full rerun can 
 is compacted for the repository: checkpoints dropped, predictions gzipped, and the backbone's own per-sample
 predictions copied beside it (backbone_eval/, for the backbone-alone row's intervals). The timed experiment
 (efficiency) runs after the others, alone on the machine. A failed job is reported and left out of the reports;
-the others go on.
+the others go on. With table2 or ablation_ngram, the representation analyses (experiments/analysis) are rebuilt
+from two of their committed runs.
 
 --check reruns one committed run from empty caches (benchmark, pretraining mixture and backbone rebuilt in a
 temporary directory, as on a fresh machine) and compares its results.json (every score, count and answer loss)
@@ -289,6 +290,21 @@ def report(experiment: str, args: argparse.Namespace) -> bool:
     return not any(codes)
 
 
+# The representation analyses (experiments/analysis, scripts/analyze.py) of two committed seed-0 runs: LiME with
+# the n-gram window the paper analyses (n = 3) and MoELoRA; 50 test samples per split (~7 CPU-minutes).
+ANALYSED = ["ablation_ngram/small_scale/runs/seed0/routing.n_gram=3", "table2/small_scale/runs/seed0/peft=moe_lora"]
+
+
+def analysis(args: argparse.Namespace) -> bool:
+    """Rebuild experiments/analysis/small_scale once both analysed runs exist; False when analyze.py failed."""
+    runs = [args.out / run for run in ANALYSED]
+    if not all(completed(run) for run in runs):
+        return True
+    out = args.out / "analysis" / "small_scale"
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "analyze.py"), *map(str, runs), "--out", str(out),
+                           "--max-samples", "50"], cwd=ROOT).returncode == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """0 when every job ran and every report was written, else 1 (what failed is printed)."""
     args = parse_args(argv)
@@ -308,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed += [f"{j.experiment} {j.run_dir(args.out)}" for j, ok in zip(batch, oks, strict=True) if not ok]
     reports = [e for e in args.experiments if runs_root(e, args.out).is_dir()]
     failed += [f"report of {e}" for e in reports if not report(e, args)]
+    if {"table2", "ablation_ngram"} & set(args.experiments) and not analysis(args):
+        failed.append("analysis (scripts/analyze.py)")
     if failed:
         print("FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
     return 1 if failed else 0
