@@ -23,8 +23,8 @@ from pathlib import Path
 from lime.report import build_rows, usable_runs, write_tables
 from lime.report import paper as paper_numbers
 from lime.report.runs import parse_override, shown_path
-from lime.report.stats import add_statistics
-from lime.report.tables import varying_within_groups
+from lime.report.stats import add_statistics, pair_differences
+from lime.report.tables import MEAN_COLUMN, varying_within_groups, write_csv
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference", action="append", default=None, metavar="KEY=VALUE",
                         help="the row the Δ column compares against, e.g. routing.n_gram=2 (repeatable; "
                              "default peft.name=lora when grouping by peft.name alone)")
+    parser.add_argument("--pair", action="append", default=[], metavar="ROW=REFERENCE",
+                        help="also compare two rows by their group values, e.g. lime_lora=lora (repeatable): "
+                             "<name>_pairs.md/.csv, Δ Mean with its paired bootstrap 95%% interval")
     return parser.parse_args(argv)
 
 
@@ -71,9 +74,29 @@ def main(argv: list[str] | None = None) -> list[Path]:
         notes.append("Rows in italics, '(paper)': the paper's published Table 2 (LLaVA-OV-7B) [EXACT-img]; "
                      "its seed count is not stated.")
     paths = write_tables(rows, categories, out, args.name, args.scorer, [*notes, *statistics_notes])
+    if args.pair:
+        pairs = [tuple(pair.split("=", 1)) for pair in args.pair]
+        paths += write_pairs(pair_differences(rows, pairs), out, args.name)
     for path in paths:
         print(f"wrote {path}")
     return paths
+
+
+def write_pairs(differences: list, out: Path, name: str) -> list[Path]:
+    """<name>_pairs.md and .csv: one line per compared pair."""
+    records = [{"row": a.label, "reference": b.label, "mean": a.cells[MEAN_COLUMN].mean,
+                "reference mean": b.cells[MEAN_COLUMN].mean, "delta": d.mean, "delta low": d.low,
+                "delta high": d.high, "beyond noise": d.resolved, "samples": d.samples} for a, b, d in differences]
+    csv_path, md_path = out / f"{name}_pairs.csv", out / f"{name}_pairs.md"
+    write_csv(csv_path, list(records[0]) if records else ["row"], records)
+    lines = [f"# {name}: pairs of rows compared", "",
+             "Δ Mean of the row against the reference row over the test samples both scored, seeds pooled, with "
+             "its paired bootstrap 95% interval (lime/report/stats.py); beyond noise: the interval excludes 0.", "",
+             "| Row | Reference | Mean | Reference Mean | Δ Mean [95% CI] | beyond noise |", "|---" * 6 + "|"]
+    lines += [f"| {a.label} | {b.label} | {a.cells[MEAN_COLUMN].text()} | {b.cells[MEAN_COLUMN].text()} | "
+              f"{d.text()} | {'yes' if d.resolved else 'no'} |" for a, b, d in differences]
+    md_path.write_text("\n".join(lines) + "\n")
+    return [md_path, csv_path]
 
 
 if __name__ == "__main__":

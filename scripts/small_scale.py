@@ -126,6 +126,12 @@ def completed(run_dir: Path) -> bool:
         return False
 
 
+def completed_runs(experiment: str, out: Path = ROOT / "experiments") -> list[Path]:
+    """The completed run directories of an experiment under <out>/<experiment>/small_scale/runs."""
+    return sorted(path.parent for path in runs_root(experiment, out).glob("seed*/*/run_info.json")
+                  if completed(path.parent))
+
+
 def compact(run_dir: Path) -> None:
     """What the repository keeps of a completed run (idempotent): no checkpoints (the adapter is beside them),
     gzipped predictions, per-layer routing statistics from the last logging step only (the figures read no
@@ -273,20 +279,30 @@ def reference(experiment: str) -> list[str]:
     return out
 
 
+# Table 2's claims about LiME: each LiME method against the PEFT method it modulates, and against the MoE
+# baseline of the same PEFT (docs/method.md §7).
+TABLE2_PAIRS = [("lime_lora", "lora"), ("lime_dora", "dora"), ("lime_lora_fa", "lora_fa"),
+                ("lime_slicefine", "slicefine"), ("lime_prompt", "prompt"), ("lime_lora", "moe_lora"),
+                ("lime_dora", "moe_dora")]
 REPORTS = {  # experiment -> the report scripts and their options; ablations: figures + one table row per setting
-    "table2": [["make_tables.py", "--paper"]],                 # beside the paper's rows
+    "table2": [["make_tables.py", "--paper", *(f"--pair={a}={b}" for a, b in TABLE2_PAIRS)]],  # beside the paper
     "efficiency": [["make_figures.py", "--paper"]],            # timing runs: no scores; efficiency.md has the numbers
 }
 
 
-def report(experiment: str, args: argparse.Namespace) -> bool:
-    """Rebuild the experiment's reports; False (after the others were tried) when a report script failed."""
-    runs, out = str(runs_root(experiment, args.out)), str(args.out / experiment / "small_scale")
+def report_commands(experiment: str, runs: Path, out: Path) -> list[list[str]]:
+    """The report scripts of an experiment with their arguments: runs from `runs`, tables and figures into `out`."""
     scripts = REPORTS.get(experiment, [["make_tables.py", "--name", "results"], ["make_figures.py", "--paper"]])
     scripts = [[*s, *(f"--reference={r}" for r in reference(experiment))] if s[0] == "make_tables.py" else s
                for s in scripts]
-    codes = [subprocess.run([sys.executable, str(ROOT / "scripts" / script), runs, "--out", out, *options],
-                            cwd=ROOT).returncode for script, *options in scripts]
+    return [[script, str(runs), "--out", str(out), *options] for script, *options in scripts]
+
+
+def report(experiment: str, args: argparse.Namespace) -> bool:
+    """Rebuild the experiment's reports; False (after the others were tried) when a report script failed."""
+    commands = report_commands(experiment, runs_root(experiment, args.out), args.out / experiment / "small_scale")
+    codes = [subprocess.run([sys.executable, str(ROOT / "scripts" / script), *arguments], cwd=ROOT).returncode
+             for script, *arguments in commands]
     return not any(codes)
 
 

@@ -198,3 +198,20 @@ def test_paper_grids_of_the_balance_and_layer_sweeps():
               for job in sweep_jobs("ablation_layers") if "seed=0" in job]
     assert [24 if indices is None else len(indices) for indices in layers] == [4, 8, 12, 16, 20, 24]
     assert all(indices is None or indices[-1] == 23 for indices in layers)  # always the last blocks
+
+
+COMMITTED = [e for e in EXPERIMENTS if SMALL_SCALE.completed_runs(e)]
+
+
+@pytest.mark.parametrize("experiment", COMMITTED)
+def test_committed_small_scale_tables_are_what_the_committed_runs_give(experiment, tmp_path, monkeypatch):
+    """Every committed table (CSV and Markdown) is rebuilt byte for byte from the committed run directories: the
+    reports are the runs' numbers, not edited ones. (`small_scale.py --check` reruns a run itself.)"""
+    make_tables = load_script("make_tables")
+    committed = ROOT / "experiments" / experiment / "small_scale"
+    monkeypatch.chdir(ROOT)  # the tables name their runs relative to the working directory
+    for script, *arguments in SMALL_SCALE.report_commands(experiment, committed / "runs", tmp_path):
+        if script == "make_tables.py":
+            make_tables.main(arguments)
+    rebuilt = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".csv", ".md"))
+    assert rebuilt and all((committed / name).read_text() == (tmp_path / name).read_text() for name in rebuilt)

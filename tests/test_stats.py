@@ -94,9 +94,17 @@ def test_tables_print_the_backbone_row_and_intervals_against_lora(tmp_path):
             (run / "backbone_results.json").write_text(json.dumps(backbone))
             job += 1
     out = tmp_path / "report"
-    make_tables.main([str(tmp_path / "runs"), "--out", str(out)])
+    make_tables.main([str(tmp_path / "runs"), "--out", str(out), "--pair=lime_lora=lora", "--pair=prompt=lime_lora"])
     header, rows = _markdown_table((out / "table2.md").read_text())
     assert header[-1] == "Δ Mean vs LoRA [95% CI]"
+    with open(out / "table2_pairs.csv") as f:  # the pairs: the Δ column's numbers, either way round
+        pairs = list(csv.DictReader(f))
+    assert [(p["row"], p["reference"], p["beyond noise"]) for p in pairs] == [
+        ("LiMELoRA", "LoRA", "True"), ("PromptTuning", "LiMELoRA", "True")]
+    assert float(pairs[0]["delta"]) == pytest.approx(25.0)
+    assert float(pairs[1]["delta"]) == pytest.approx(100 * 2 / 40 - 25.0)
+    with pytest.raises(ValueError, match="not in the table: \\['mola'\\]"):
+        make_tables.main([str(tmp_path / "runs"), "--out", str(out), "--pair=mola=lora"])
     assert list(rows)[0] == BACKBONE_LABEL and rows[BACKBONE_LABEL][header.index("Mean")] == "15.00"
     assert rows["LoRA"][-1] == "–"
     # LiME: right on 30 of 40 samples, a superset of LoRA's 20, on every task and seed: +25 points.

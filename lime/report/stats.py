@@ -198,6 +198,26 @@ def _backbone_eval_dir(run: Run) -> Path | None:
     return path if (path / "predictions").is_dir() else None
 
 
+def pair_differences(rows: Sequence[Row], pairs: Sequence[tuple[str, str]],
+                     resamples: int = RESAMPLES) -> list[tuple[Row, Row, Difference]]:
+    """Δ Mean of row A against row B for each (A, B) pair of row groups (e.g. each LiME method against the
+    PEFT method it modulates), with the paired-bootstrap interval of the Δ column. A pair naming a group the
+    rows lack is a ValueError naming it."""
+    ours = {row.group: row for row in rows if row.source == "ours" and row.runs}
+    unknown = sorted({g for pair in pairs for g in pair} - set(ours))
+    if unknown:
+        raise ValueError(f"--pair names rows that are not in the table: {unknown}; rows: {sorted(ours)}")
+    category_of = categories_of([run for row in ours.values() for run in row.runs])
+    out = []
+    for a, b in pairs:
+        found = paired_bootstrap(pooled_correctness(ours[a].runs), pooled_correctness(ours[b].runs), category_of,
+                                 resamples)
+        if found is not None:
+            delta, low, high, samples, tasks = found
+            out.append((ours[a], ours[b], Difference(ours[b].label, delta, low, high, samples, tasks)))
+    return out
+
+
 def add_statistics(rows: list[Row], runs: Sequence[Run], categories: Sequence[str], scorer: str | None,
                    reference: Mapping[str, Any] | None, backbone: bool = True,
                    resamples: int = RESAMPLES) -> list[str]:
