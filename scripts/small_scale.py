@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = [  # the longest sweeps first, so that the job pool ends together; then the timed one, alone
-    "table2", "ablation_experts", "ablation_gamma", "ablation_topk", "ablation_balance", "ablation_init",
-    "ablation_ngram", "ablation_temperature", "ablation_layers", "ablation_channels", "ablation_targets",
-    "ablation_router", "ablation_shared", "efficiency",
+EXPERIMENTS = [  # in the order they run: Table 2, the sweeps from the shortest, then the timed one, alone
+    "table2", "ablation_ngram", "ablation_router", "ablation_shared", "ablation_layers", "ablation_targets",
+    "ablation_channels", "ablation_balance", "ablation_init", "ablation_temperature", "ablation_topk",
+    "ablation_gamma", "ablation_experts", "efficiency",
 ]
 TIMED = {"efficiency"}  # run alone: other jobs on the machine would be in its times
 SMALL = ["model=tiny_llava_ov", "data=mmt_mini", "trainer=smoke", "trainer.progress_bar=false"]
@@ -329,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.report_only:
         pretrain_backbone()
-        # Seed 0 of every experiment first: a rerun stopped half-way leaves whole tables of fewer seeds.
-        todo = sorted((job for e in args.experiments for job in jobs(e, args)), key=lambda job: job.seed)
+        # One experiment after another, seed 0 of each first: a rerun stopped half-way (e.g. at the end of a
+        # session) leaves whole experiments, and whole tables of fewer seeds.
+        order = {experiment: i for i, experiment in enumerate(EXPERIMENTS)}
+        todo = sorted((job for e in args.experiments for job in jobs(e, args)),
+                      key=lambda job: (order[job.experiment], job.seed))
         done = sum(completed(job.run_dir(args.out)) for job in todo)
         print(f"{len(todo)} jobs, {done} already completed (skipped)", flush=True)
         pooled, alone = [j for j in todo if j.experiment not in TIMED], [j for j in todo if j.experiment in TIMED]
