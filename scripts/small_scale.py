@@ -138,7 +138,7 @@ def compact(run_dir: Path) -> None:
     other), and the backbone's own per-sample verdicts for the backbone-alone row's intervals."""
     from lime.pretrain import baseline_dir
     from lime.report.runs import load_run
-    from lime.results import compress_predictions, prediction_files, read_predictions
+    from lime.results import compress_predictions, prediction_files, prediction_split, read_predictions
 
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     compress_predictions(run_dir / "predictions")
@@ -146,13 +146,17 @@ def compact(run_dir: Path) -> None:
     if not (run_dir / "backbone_results.json").is_file():
         return
     target = run_dir / "backbone_eval" / "predictions"
-    if not target.is_dir():
+    if target.is_dir():
+        source = target  # already copied (by this version: verdicts only; or by an earlier one: whole rows)
+    else:
         cfg = load_run(run_dir).config
         source = baseline_dir(cfg["model"], cfg["data"]) / "backbone_eval" / "predictions"
         target.mkdir(parents=True)
-        for path in prediction_files(source):
-            verdicts = [{"id": row["id"], "correct": row["correct"]} for row in read_predictions(path)]
-            (target / path.name).write_text("".join(json.dumps(v) + "\n" for v in verdicts))
+    for path in prediction_files(source):
+        verdicts = [{"id": row["id"], "correct": row["correct"]} for row in read_predictions(path)]
+        if source == target:
+            path.unlink()
+        (target / f"{prediction_split(path)}.jsonl").write_text("".join(json.dumps(v) + "\n" for v in verdicts))
     compress_predictions(target)
 
 

@@ -471,7 +471,7 @@ def test_deliberate_data_subset_is_not_incomplete(tmp_path):
 
 def test_params_column_is_the_papers_style_and_exact_when_every_row_is_tiny(tmp_path):
     assert (format_params(1_740_800), format_params(70_000), format_params(None)) == ("1.74M", "0.07M", "–")
-    for trainable, expected in ((6032, {"6,032", "9,984"}), (1_740_800, {"1.74M", "0.01M"})):
+    for trainable, expected in ((217_888, {"217,888", "9,984"}), (1_740_800, {"1.74M", "0.01M"})):
         for method, count in (("lora", trainable), ("moe_lora", 9984)):
             make_run(tmp_path / str(trainable) / method, method=method, scores=all_scores(method, 0, CATEGORIES),
                      info={"trainable_params": count})

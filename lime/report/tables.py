@@ -63,7 +63,7 @@ class Row:
 
 
 # Below this many trainable parameters in every row (tiny models), "0.01M" would hide the differences.
-EXACT_PARAMS_BELOW = 100_000
+EXACT_PARAMS_BELOW = 1_000_000
 
 
 def format_params(count: float | None, exact: bool = False) -> str:
