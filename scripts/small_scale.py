@@ -1,7 +1,7 @@
 """Every paper experiment at small scale (the tiny LLaVA-OneVision on mmt_mini, CPU), then its tables and figures,
 regenerated from the committed runs, into experiments/<experiment>/small_scale/.
 
-    python scripts/small_scale.py                                  # all of them, two jobs at a time (~4 h on 2 cores)
+    python scripts/small_scale.py                                  # all of them, two jobs at a time (~5 h on 2 cores)
     python scripts/small_scale.py ablation_ngram table2 --jobs 4   # some of them
     python scripts/small_scale.py --report-only                    # rebuild the reports from the runs already there
     python scripts/small_scale.py --check experiments/table2/small_scale/runs/seed0/peft=lime_lora
@@ -13,7 +13,8 @@ process whose run directory is experiments/<experiment>/small_scale/runs/seed<S>
 the reports. Resumable: a job whose run completed is skipped, one that did not is started afresh (so that a
 rerun's numbers never depend on where an earlier one stopped); a full rerun can span sessions. A completed run
 is compacted for the repository: checkpoints dropped, predictions gzipped, and the backbone's own per-sample
-predictions copied beside it (backbone_eval/, for the backbone-alone row's intervals). The timed experiment
+verdicts copied beside it (backbone_eval/, for the backbone-alone row's intervals). A completed run started with
+other overrides (e.g. another --epochs) is never taken for this job's: the job fails, naming it. The timed experiment
 (efficiency) runs after the others, alone on the machine. A failed job is reported and left out of the reports;
 the others go on. With table2 or ablation_ngram, the representation analyses (experiments/analysis) are rebuilt
 from two of their committed runs.
@@ -95,10 +96,13 @@ class Job:
     def run_dir(self, out: Path) -> Path:
         return runs_root(self.experiment, out) / f"seed{self.seed}" / self.name
 
+    def train_overrides(self, args: argparse.Namespace) -> list[str]:
+        """What `train.py` is given (less the run directory), as its run records them in .hydra/overrides.yaml."""
+        return [f"experiment={self.experiment}", *SMALL, f"trainer.epochs={args.epochs}", *self.overrides]
+
     def command(self, args: argparse.Namespace) -> list[str]:
         run_dir = f"hydra.run.dir='{self.run_dir(args.out)}'"  # quoted: the name holds = [ ,
-        return [sys.executable, str(ROOT / "train.py"), f"experiment={self.experiment}", *SMALL,
-                f"trainer.epochs={args.epochs}", *self.overrides, run_dir]
+        return [sys.executable, str(ROOT / "train.py"), *self.train_overrides(args), run_dir]
 
 
 def runs_root(experiment: str, out: Path) -> Path:
@@ -180,13 +184,23 @@ def start_afresh(run_dir: Path) -> None:
         for path in run_dir.iterdir():
             if path.name.startswith(".lock"):
                 continue
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def run(job: Job, args: argparse.Namespace) -> bool:
     run_dir = job.run_dir(args.out)
     label = f"{job.experiment} seed {job.seed} {job.name}"
     if completed(run_dir):
+        import yaml
+
+        recorded = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+        if recorded != job.train_overrides(args):
+            print(f"FAILED {label}: {run_dir} holds a completed run of other overrides ({' '.join(recorded)}); "
+                  "choose another --out, or delete that directory to rerun it", flush=True)
+            return False
         compact(run_dir)  # a no-op unless an earlier version of this script left it less compact
         return True
     if run_dir.exists():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -110,8 +111,9 @@ def test_small_scale_skips_completed_runs_and_restarts_interrupted_ones(tmp_path
     the start; a completed run is compacted (no checkpoints, gzipped predictions)."""
     args = SMALL_SCALE.parse_args(["ablation_shared", "--out", str(tmp_path)])
     done, interrupted = SMALL_SCALE.jobs("ablation_shared", args)[:2]
-    (done.run_dir(tmp_path)).mkdir(parents=True)
+    (done.run_dir(tmp_path) / ".hydra").mkdir(parents=True)
     (done.run_dir(tmp_path) / "run_info.json").write_text(json.dumps({"status": "completed"}))
+    (done.run_dir(tmp_path) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(done.train_overrides(args)))
     (interrupted.run_dir(tmp_path) / "checkpoints").mkdir(parents=True)
     (interrupted.run_dir(tmp_path) / "run_info.json").write_text(json.dumps({"status": "running"}))
     started = []
@@ -125,6 +127,8 @@ def test_small_scale_skips_completed_runs_and_restarts_interrupted_ones(tmp_path
         (run_dir / "predictions").mkdir()
         (run_dir / "predictions" / "text_test_a.jsonl").write_text('{"id": "a[0]", "correct": true}\n')
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(command[2:-1]))
         return subprocess.CompletedProcess(command, 0)
 
     layer = "routing/layers/model.layers.0.q_proj/usage"
@@ -135,11 +139,14 @@ def test_small_scale_skips_completed_runs_and_restarts_interrupted_ones(tmp_path
     assert SMALL_SCALE.run(done, args) and SMALL_SCALE.run(interrupted, args)
     assert started == [interrupted.run_dir(tmp_path)]
     run_dir = interrupted.run_dir(tmp_path)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "predictions", "run_info.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "metrics.jsonl", "predictions", "run_info.json"]
     assert read_predictions(run_dir / "predictions" / "text_test_a.jsonl.gz") == [{"id": "a[0]", "correct": True}]
     kept = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert kept == [{"step": 10, "loss": 2.0}, *metrics[1:]]  # per-layer statistics of the last step only
     assert SMALL_SCALE.run(interrupted, args) and len(started) == 1
+    # A completed run of other overrides (here: another number of epochs) is never taken for the job's.
+    longer = SMALL_SCALE.parse_args(["ablation_shared", "--out", str(tmp_path), "--epochs", "3"])
+    assert not SMALL_SCALE.run(interrupted, longer) and len(started) == 1
 
 
 def test_experiment_pins_the_paper_setup():
