@@ -40,7 +40,9 @@ def save_figure(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     for path in paths:
-        fig.savefig(path, dpi=PNG_DPI if path.suffix == ".png" else None, bbox_inches="tight")
+        # No creation date in the PDF: a figure rebuilt from the same runs is the same file.
+        metadata = {"CreationDate": None} if path.suffix == ".pdf" else None
+        fig.savefig(path, dpi=PNG_DPI if path.suffix == ".png" else None, bbox_inches="tight", metadata=metadata)
     plt.close(fig)
     return paths
 
